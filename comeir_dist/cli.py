@@ -127,11 +127,11 @@ def _dataset(args, cfg) -> str:
 
 @command("embed")
 def _embed(args) -> int:
-    from comeir_dist.quant.embed import run_embed
-
     if args.text_fields is not None:
         args.text_fields = [f.strip() for f in args.text_fields.split(",") if f.strip()]
     cfg = load_pipeline_config(args, {**EMBED_FLAGS, "text_fields": "embed.text_fields"})
+    from comeir_dist.quant.embed import run_embed
+
     path = run_embed(_dataset(args, cfg), cfg.embed, ray_address=cfg.ray_address, ray_num_cpus=cfg.ray_num_cpus,
                      force=args.force)
     print(path)
@@ -141,9 +141,10 @@ def _embed(args) -> int:
 @command("quantize")
 def _quantize(args) -> int:
     import json
-    from comeir_dist.quant.run import run_quantize
 
     cfg = load_pipeline_config(args, QUANT_FLAGS)
+    from comeir_dist.quant.run import run_quantize
+
     out = run_quantize(_dataset(args, cfg), cfg.quantize, ray_address=cfg.ray_address,
                        ray_num_cpus=cfg.ray_num_cpus)
     rep = json.loads((out / "report.json").read_text())
