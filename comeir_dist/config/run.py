@@ -1,0 +1,104 @@
+"""Config of a training / evaluation run (configs/*.yaml used by `comeir train`, `comeir experiment`)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from comeir_dist.config.base import Section
+from comeir_dist.engram.config import EngramConfig
+
+VARIANTS = ("comeir", "flatten", "tm")
+ABLATIONS = ("no_mm_scoring", "no_memory_merge", "no_e_intra", "no_e_inter", "no_d_intra", "no_d_inter")
+
+
+class BackboneConfig(Section):
+    """Hugging Face decoder fed with ``inputs_embeds``: a local checkpoint (``path``) or built from sizes."""
+
+    arch: Literal["qwen3", "llama"] = "qwen3"
+    path: Optional[str] = Field(None, description="Local HF checkpoint dir (e.g. Qwen3-0.6B). None = build from the sizes below (random init).")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    head_dim: Optional[int] = Field(None, description="Attention head dim (Qwen3); None = hidden_size / num_heads.")
+    max_positions: int = Field(256, ge=8, description="Backbone positions; flatten needs L*max_history + L.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.path is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    """Input constructor, head and ablation switches (paper Sections 3, 4.3)."""
+
+    variant: Literal["comeir", "flatten", "tm"] = Field("comeir", description="comeir | flatten (TIGER-style L*N tokens) | tm (token merge: concat + linear).")
+    token_dim: int = Field(64, ge=4, description="Width of the learnable token embedding e^T (Eq. 2).")
+    window: int = Field(4, ge=1, description="w: window of the transition query (Eq. 21) and decode query (Eq. 25).")
+    ablations: list[str] = Field(default_factory=list, description=f"Any of {', '.join(ABLATIONS)}.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"unknown ablation {bad[0]!r}; allowed values: {', '.join(ABLATIONS)}")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation (AdamW for dense, fused row-wise Adagrad for the Engram tables)."""
+
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(3000, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock training budget; stops at whichever of max_steps/max_minutes comes first.")
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = Field(False, description="bf16 autocast for the dense part.")
+    eval_every: int = Field(500, ge=1, description="Validation NDCG@10 every N steps.")
+    eval_users: Optional[int] = Field(2000, ge=1, description="Validation users per check (None = all).")
+    patience: int = Field(4, ge=1, description="Early stopping after this many validations without improvement.")
+    log_every: int = Field(50, ge=1)
+    num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+
+
+class EvalConfig(Section):
+    """Constrained beam search evaluation."""
+
+    beam_size: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [5, 10])
+
+
+class RunConfig(Section):
+    """A full training run: which data and SIDs, the Engram sizing, the model and the optimisation."""
+
+    dataset: str = Field("runs/data/scientific", description="Prepared dataset dir (comeir prepare).")
+    sid_method: Literal["rqkmeans", "rqvae"] = "rqkmeans"
+    max_history: int = Field(20, ge=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = Field("runs/train/comeir", description="Run dir: checkpoints, metrics, logs.")
+    engram: EngramConfig = Field(default_factory=EngramConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        need = self.max_history * self.engram.levels + self.engram.levels + 1
+        if self.model.variant == "flatten" and self.model.backbone.max_positions < need:
+            raise ValueError(f"model.backbone.max_positions={self.model.backbone.max_positions} < {need} "
+                             f"needed by flatten (L*max_history + L + 1)")
+        if self.model.backbone.max_positions < self.max_history + 1:
+            raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
+                             f"({self.model.backbone.max_positions})")
+        return self

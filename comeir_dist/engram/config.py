@@ -1,0 +1,72 @@
+"""Engram memory configuration (paper App. B.2.2 defaults: L=3, C=128, d_m=256, K_S=2, K_T=4)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from comeir_dist.config.base import Section
+
+
+class EngramConfig(Section):
+    """Sizing, hashing and sparse-optimizer settings of the dual-level Engram memory.
+
+    The table layout derived from these values is produced by :func:`comeir_dist.engram.sizing.table_specs`.
+    """
+
+    levels: int = Field(3, ge=1, le=8, description="SID length L (code levels). Intra tables exist for levels 2..L, inter tables for 1..L.")
+    codebook_size: int = Field(128, ge=2, description="Codes per SID level C; codes are integers in [0, C).")
+    s_s: float = Field(1.0, gt=0, description="Intra scale s_S: base B^S = C * s_S (Eq. 32); values above 1 are clipped by the exact domain C^o.")
+    s_t: float = Field(2.0, gt=0, description="Inter scale s_T: level base B_l^T = (16 s_T)^l (Eq. 36). Paper default 2.0; 4.0 gives 4.431 B inter parameters.")
+    d_m: int = Field(256, ge=2, description="Concatenated Engram address width d_m (Eq. 14); each head has d_m/K columns.")
+    k_s: int = Field(2, ge=1, description="Hash heads K_S of the intra-item memory (each head has its own prime-sized table).")
+    k_t: int = Field(4, ge=1, description="Hash heads K_T of the inter-item memory.")
+    h_max: int = Field(20_000_000, ge=64, description="H_max: largest allowed bucket count of a single hash table.")
+    d_max: int = Field(2_097_152, ge=2, description="D_max: cap of the integer domain of one encoded unit (SID prefix), Eq. 31/35.")
+    max_order: int = Field(3, ge=1, description="Largest n-gram order: intra uses O_l^S = min(l, max_order); inter uses O_l^T = max(1, max_order + 1 - l).")
+    inter_orders: Optional[list[int]] = Field(None, description="Explicit per-level inter order counts (O_1^T, ..., O_L^T); None = max(1, max_order + 1 - l), i.e. (3, 2, 1) for L=3.")
+    hash_seed: int = Field(0, ge=0, description="Seed of the odd hash multipliers m_{a,k} (Eq. 39). Changing it scrambles a trained memory; it is saved with checkpoints.")
+    table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
+    sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
+    eps: float = Field(1e-8, gt=0, description="Epsilon of the row-wise Adagrad denominator.")
+    init_scale: float = Field(0.01, gt=0, description="Tables are initialised uniform(-init_scale, +init_scale).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngramConfig":
+        if self.d_m % self.k_s:
+            raise ValueError(f"d_m={self.d_m} must be divisible by k_s={self.k_s}")
+        if self.d_m % self.k_t:
+            raise ValueError(f"d_m={self.d_m} must be divisible by k_t={self.k_t}")
+        if self.inter_orders is not None:
+            if len(self.inter_orders) != self.levels:
+                raise ValueError(f"inter_orders needs one entry per level ({self.levels}), got {len(self.inter_orders)}")
+            if any(o < 1 for o in self.inter_orders):
+                raise ValueError("inter_orders entries must be >= 1")
+        if self.d_max > 2**62:
+            raise ValueError("d_max must be <= 2**62 (int64 hashing)")
+        if self.h_max > 2**62:
+            raise ValueError("h_max must be <= 2**62")
+        return self
+
+    # ---- derived layout -------------------------------------------------------------------
+    def intra_orders(self, level: int) -> int:
+        """O_l^S = min(l, max_order) for l >= 2 (no intra memory at level 1)."""
+        return 0 if level < 2 else min(level, self.max_order)
+
+    def inter_order_count(self, level: int) -> int:
+        """O_l^T: explicit ``inter_orders`` or max(1, max_order + 1 - l) ((3, 2, 1) for L=3)."""
+        if self.inter_orders is not None:
+            return int(self.inter_orders[level - 1])
+        return max(1, self.max_order + 1 - level)
+
+    def unit_domain(self, level: int) -> int:
+        """D_l = min(C^l, D_max): integer domain of an encoded level-l SID prefix (Eq. 31/35)."""
+        return min(self.codebook_size**level, self.d_max)
+
+    @property
+    def intra_head_dim(self) -> int:
+        return self.d_m // self.k_s
+
+    @property
+    def inter_head_dim(self) -> int:
+        return self.d_m // self.k_t

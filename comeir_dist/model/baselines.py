@@ -1,0 +1,78 @@
+"""The paper's two baselines as standard generative recommenders.
+
+* flatten (TIGER-style): every history item contributes its L SID tokens, L*N inputs.
+* tm (token merge, GenRec-style): the L code embeddings of an item are concatenated and linearly
+  projected to one input vector per item.
+
+Both generate the L target codes autoregressively: position T-1 (last history input) predicts code 1,
+the embedding of the chosen code l is fed back to predict code l+1, with one output layer per level
+over that level's codebook. Decoding reuses the KV cache; beams reorder it by their parent index.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comeir_dist.model.backbone import backbone_width, run_backbone
+from comeir_dist.model.history import Catalog, HistoryBatch
+from comeir_dist.model.token_embedding import SidTokenEmbedding
+
+
+class GenerativeBaseline(nn.Module):
+    def __init__(self, variant: str, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module, token_dim: int):
+        super().__init__()
+        assert variant in ("flatten", "tm")
+        self.variant = variant
+        self.catalog = catalog
+        self.backbone = backbone
+        d = backbone_width(backbone)
+        self.levels, self.codebook_size = codebooks.shape[0], codebooks.shape[1]
+        self.tokens = SidTokenEmbedding(codebooks, token_dim, d)
+        self.merge = nn.Linear(self.levels * d, d) if variant == "tm" else None
+        self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def history_inputs(self, batch: HistoryBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.catalog.item_codes(batch.items)  # [B, N, L]
+        tok = self.tokens(codes)  # [B, N, L, d]
+        mask = batch.mask
+        if self.variant == "tm":
+            return self.merge(tok.flatten(-2)), mask
+        b, n, l, d = tok.shape
+        return tok.reshape(b, n * l, d), mask.repeat_interleave(l, dim=1)
+
+    # ---- training (teacher forcing, Eq. 3) ---------------------------------------------------
+    def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
+        x, mask = self.history_inputs(batch)
+        t = x.shape[1]
+        fed = self.tokens(target_codes[:, : self.levels - 1])  # codes 1..L-1 fed back
+        x = torch.cat([x, fed], dim=1)
+        mask = torch.cat([mask, torch.ones(fed.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
+        h, _ = run_backbone(self.backbone, x, mask)
+        return [self.out[l](h[:, t - 1 + l]) for l in range(self.levels)]
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def decoder(self, batch: HistoryBatch):
+        """A ``step_fn`` for :func:`comeir_dist.decode.beam.beam_search` that keeps a KV cache per beam."""
+        x, mask = self.history_inputs(batch)
+        state = {}
+
+        def step(level: int, prefixes: torch.Tensor, parent: torch.Tensor | None) -> torch.Tensor:
+            b, k = prefixes.shape[:2]
+            if level == 0:
+                h, cache = run_backbone(self.backbone, x, mask, use_cache=True)
+                state.update(cache=cache, mask=mask, k=1, pos=mask.long().sum(-1))
+                return self.out[0](h[:, -1]).unsqueeze(1)
+            # reorder the (B*K_prev)-row cache to the surviving beams, then feed the newly chosen code
+            rows = (torch.arange(b, device=parent.device).unsqueeze(1) * state["k"] + parent).reshape(-1)
+            cache = state["cache"]
+            cache.reorder_cache(rows)
+            prev_mask, pos = state["mask"][rows], state["pos"][rows]
+            new = self.tokens(prefixes[:, :, -1].reshape(-1, 1), level - 1)  # [B*K, 1, d]
+            full_mask = torch.cat([prev_mask, torch.ones(b * k, 1, dtype=torch.bool, device=new.device)], dim=1)
+            h, cache = run_backbone(self.backbone, new, full_mask, past=cache, use_cache=True, position_offset=pos)
+            state.update(cache=cache, mask=full_mask, k=k, pos=pos + 1)
+            return self.out[level](h[:, -1]).reshape(b, k, -1)
+
+        return step

@@ -1,0 +1,36 @@
+"""Build any variant (comeir / flatten / tm) from a RunConfig, the SID table and the item embeddings."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from comeir_dist.config.run import RunConfig
+from comeir_dist.decode.trie import PrefixTrie
+from comeir_dist.errors import UserError
+from comeir_dist.model.backbone import build_backbone
+from comeir_dist.model.baselines import GenerativeBaseline
+from comeir_dist.model.comeir import ComeIRModel
+from comeir_dist.model.history import Catalog
+
+
+def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_emb: np.ndarray,
+                sparse_device: str = "cpu") -> torch.nn.Module:
+    levels, size = codebooks.shape[0], codebooks.shape[1]
+    if (levels, size) != (cfg.engram.levels, cfg.engram.codebook_size):
+        raise UserError(f"SID table has L={levels}, C={size} but config engram.levels={cfg.engram.levels}, "
+                        f"engram.codebook_size={cfg.engram.codebook_size}")
+    if codes.shape[0] != item_emb.shape[0]:
+        raise UserError(f"SID table has {codes.shape[0]} items but item embeddings have {item_emb.shape[0]}")
+    codes_t = torch.as_tensor(codes, dtype=torch.long)
+    catalog = Catalog(codes_t, torch.as_tensor(item_emb, dtype=torch.float32))
+    backbone = build_backbone(cfg.model.backbone)
+    cb = torch.as_tensor(codebooks, dtype=torch.float32)
+    trie = PrefixTrie.from_codes(codes_t, size)
+    m = cfg.model
+    if m.variant == "comeir":
+        model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
+                            sparse_device=sparse_device)
+    else:
+        model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim)
+        model.trie = trie
+    return model

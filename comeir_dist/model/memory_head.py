@@ -1,0 +1,103 @@
+"""Memory-restoring prediction head (paper Section 3.5, Appendix A.4), Normal-GR form (zeta_l = h_u).
+
+For level l, every catalog-valid candidate code x of every beam prefix c^{<l} is scored:
+    q^D_{u,l} = sum_{a in H_N} rho_{a,l} s^0_a,  rho = softmax((W^D_Q zeta)^T (W^D_K s^0_a)/sqrt d)   (Eq. 25)
+    eta^S(x)  = R^S_l(zeta, (c^{<l}, x))       for l > 1, else 0                                    (Eq. 23)
+    eta^T(x)  = R^T_l(q^D_{u,l}, Suffix(C^{<=l} + c^{<=l}(x)))                                       (Eq. 24, 26)
+    mu(x)     = W_S,l eta^S(x) + W_T,l eta^T(x)                                                      (Eq. 27, 8, 9)
+    psi(x)    = w_l^T LN(W_H,l zeta + W_C,l e_x + mu(x))                                             (Eq. 10)
+Only valid (beam, x) pairs are computed: the prefix tree leaves a handful of children per prefix at
+deep levels, so memory reads cost O(valid pairs), not O(beams x C). Invalid logits are -inf; the
+normalisation over valid codes (Eq. 11) happens in the loss / beam search.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from comeir_dist.engram.patterns import candidate_prefix_units, inter_candidate_keys, intra_candidate_keys
+from comeir_dist.model.comeir_encoder import read_addresses
+from comeir_dist.model.engram_memory import LookupPass
+
+
+@dataclass
+class HeadRequest:
+    level: int
+    b: torch.Tensor  # [M] user index of each valid (beam, candidate) pair
+    k: torch.Tensor  # [M] beam index
+    x: torch.Tensor  # [M] candidate code
+    shape: tuple[int, int, int]  # (B, K, C)
+    intra: list
+    inter: list
+
+
+class MemoryHead(nn.Module):
+    def __init__(self, levels: int, codebook_size: int, d: int, window: int, reads: nn.ModuleDict,
+                 ablations: set[str], d_max: int):
+        super().__init__()
+        self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
+        self.reads = reads
+        self.use_intra = "no_d_intra" not in ablations
+        self.use_inter = "no_d_inter" not in ablations
+        self.wq_d = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^D_{Q,l}
+        self.wk_d = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^D_{K,l}
+        self.w_s = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W_{S,l}
+        self.w_t = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W_{T,l}
+        self.w_h = nn.ModuleList(nn.Linear(d, d) for _ in range(levels))  # W_{H,l}
+        self.w_c = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W_{C,l}
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(levels))
+        self.w_out = nn.ModuleList(nn.Linear(d, 1, bias=False) for _ in range(levels))  # w_l
+
+    def request(self, lp: LookupPass, level: int, prefixes: torch.Tensor, cand_valid: torch.Tensor,
+                hist_units: list[torch.Tensor], mask: torch.Tensor) -> HeadRequest:
+        """Register Engram keys of the valid candidates of ``prefixes [B, K, level-1]`` (level is 1-based)."""
+        bsz, nbeam, ncode = cand_valid.shape
+        b, k, x = cand_valid.nonzero(as_tuple=True)
+        pre = prefixes[b, k]  # [M, level-1]
+        intra, inter = [], []
+        if self.use_intra and level > 1:
+            for o in lp.lookup.orders("intra", level):
+                keys = intra_candidate_keys(pre, x.unsqueeze(1), o)[:, 0]
+                valid = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+                intra.append((lp.add("intra", level, o, keys, valid), valid))
+        if self.use_inter:
+            units = candidate_prefix_units(pre, x.unsqueeze(1), self.codebook_size, self.d_max)  # [M, 1]
+            hist = hist_units[level - 1]
+            for o in lp.lookup.orders("inter", level):
+                # the history context of an order-o key is per user: build it once, then gather per pair
+                ctx, ok = inter_candidate_keys(hist, mask, torch.zeros_like(hist[:, :1]), o)
+                keys = torch.cat([ctx[b, 0, : o - 1], units], dim=-1)
+                valid = ok[b, 0]
+                inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid), valid))
+        return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter)
+
+    def decode_query(self, level: int, zeta: torch.Tensor, s0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q^D_{u,l} (Eq. 25) over the last ``window`` history positions (left padding: the last columns)."""
+        s = s0[:, -self.window:]
+        m = mask[:, -self.window:]
+        scores = torch.einsum("bd,bnd->bn", self.wq_d[level - 1](zeta), self.wk_d[level - 1](s)) / math.sqrt(self.d)
+        rho = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)
+        return torch.einsum("bn,bnd->bd", rho, s)
+
+    def logits(self, lp: LookupPass, req: HeadRequest, zeta: torch.Tensor, s0: torch.Tensor, mask: torch.Tensor,
+               code_emb: torch.Tensor) -> torch.Tensor:
+        """Raw scores ``[B, K, C]`` (-inf for invalid codes); ``code_emb [C, d]`` = e_x of this level."""
+        l = req.level
+        i = l - 1
+        z = zeta[req.b]
+        mu = torch.zeros_like(z)
+        if req.intra:
+            addr, valid = read_addresses(lp, req.intra)
+            mu = mu + self.w_s[i](self.reads[f"intra{l}"](z, addr, valid))
+        if req.inter:
+            q = self.decode_query(l, zeta, s0, mask)[req.b]
+            addr, valid = read_addresses(lp, req.inter)
+            mu = mu + self.w_t[i](self.reads[f"inter{l}"](q, addr, valid))
+        hidden = self.ln[i](self.w_h[i](zeta)[req.b] + self.w_c[i](code_emb)[req.x] + mu)
+        psi = self.w_out[i](hidden).squeeze(-1)
+        out = torch.full(req.shape, float("-inf"), dtype=psi.dtype, device=psi.device)
+        out[req.b, req.k, req.x] = psi
+        return out
