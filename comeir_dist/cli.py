@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # our loggers at INFO; third-party (torchrec/fbgemm log TBE details at INFO on the root logger) at WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("comeir_dist").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return _COMMANDS[args.cmd](args)
     except UserError as exc:

@@ -2,8 +2,97 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from comeir_dist.errors import UserError
+
+TRAIN_FLAGS = {"dataset": "dataset", "sid_method": "sid_method", "variant": "model.variant", "seed": "seed",
+               "out": "out", "max_steps": "train.max_steps", "max_minutes": "train.max_minutes",
+               "batch_size": "train.batch_size", "s_t": "engram.s_t", "s_s": "engram.s_s", "device": "device"}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (configs/*.yaml)")
+    p.add_argument("--dataset")
+    p.add_argument("--sid-method", dest="sid_method")
+    p.add_argument("--variant", help="comeir | flatten | tm")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out")
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--max-minutes", dest="max_minutes", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--s-t", dest="s_t", type=float)
+    p.add_argument("--s-s", dest="s_s", type=float)
+    p.add_argument("--device")
+    p.add_argument("--ablations", help="comma-separated ablation switches")
+
+
+def load_run_config(args, extra: dict | None = None):
+    from comeir_dist.cli import _overrides, _set_path
+    from comeir_dist.config.base import load_yaml, parse_section
+    from comeir_dist.config.run import RunConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    for key, value in _overrides(args, TRAIN_FLAGS).items():
+        _set_path(data, key, value)
+    if getattr(args, "ablations", None):
+        _set_path(data, "model.ablations", [a.strip() for a in args.ablations.split(",") if a.strip()])
+    for key, value in (extra or {}).items():
+        _set_path(data, key, value)
+    return parse_section(RunConfig, data, source=args.config or "flags")
 
 
 def add_model_commands(sub: "argparse._SubParsersAction") -> None:
-    """Registered once the model issue lands; kept separate so cli.py stays small."""
-    return None
+    from comeir_dist.cli import command
+
+    p = sub.add_parser("train", help="train a model (ComeIR or a baseline) on a prepared dataset with SIDs")
+    _add_train_flags(p)
+
+    p = sub.add_parser("evaluate", help="constrained beam-search evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/train/comeir/best)")
+    p.add_argument("--split", default="test", help="valid | test")
+    p.add_argument("--out", help="metrics JSON path (per-user top items go to <out>.users.parquet)")
+    p.add_argument("--dataset", help="override the dataset dir recorded in the checkpoint")
+    p.add_argument("--beam-size", dest="beam_size", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--max-users", dest="max_users", type=int)
+
+    p = sub.add_parser("experiment", help="train + evaluate several variants x seeds; results table")
+    _add_train_flags(p)
+    p.add_argument("--variants", default="flatten,tm,comeir")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+
+    @command("train")
+    def _train(args) -> int:
+        cfg = load_run_config(args)
+        from comeir_dist.train.loop import train
+
+        out = train(cfg)
+        print(json.dumps({"run": str(out), **{k: v for k, v in json.loads((out / "summary.json").read_text()).items()
+                                              if k != "validation"}}))
+        return 0
+
+    @command("evaluate")
+    def _evaluate(args) -> int:
+        from comeir_dist.eval.run_eval import run_evaluate
+
+        rep = run_evaluate(args.checkpoint, args.split, args.out, args.dataset, args.beam_size, args.batch_size,
+                           args.max_users)
+        print(json.dumps(rep["metrics"], indent=1))
+        return 0
+
+    @command("experiment")
+    def _experiment(args) -> int:
+        from comeir_dist.config.run import VARIANTS
+        from comeir_dist.train.experiment import run_experiment
+
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise UserError(f"--variants: unknown variant {bad[0]!r}; allowed values: {', '.join(VARIANTS)}")
+        if args.seeds < 1:
+            raise UserError(f"--seeds: {args.seeds}; must be >= 1")
+        cfg = load_run_config(args)
+        table = run_experiment(cfg, variants, args.seeds)
+        print(table)
+        return 0

@@ -133,13 +133,14 @@ def beam_search(
         # Eq. 11 + Eq. 28 fused: total = s_l + log_softmax over valid codes, -inf elsewhere.
         rows, found = trie.prefix_rows(level, keys)                      # [B, K]
         ok = found & torch.isfinite(scores)                              # live beam with a catalog prefix
-        z = logits.masked_fill(~trie.child_table[level][rows], _NEG_INF)  # [B, K, C]
+        valid = trie.child_table[level][rows] & ok.unsqueeze(-1)        # [B, K, C] = V_l(prefix)
+        z = logits.masked_fill(~valid, _NEG_INF)                         # dead rows: all -inf
         m = z.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         lse = (z - m).exp_().sum(-1, keepdim=True).log_().add_(m)        # [B, K, 1]
         if torch.isnan(lse).any():
             raise FloatingPointError(f"step_fn(level={level}) produced NaN/+inf scores for catalog-valid codes")
-        # per-row offset; dead rows / unknown prefixes / rows without finite valid logits -> +inf
+        # per-row offset; rows without any finite valid logit -> +inf (stay all -inf, never NaN)
         offset = lse - scores.unsqueeze(-1)
         offset = torch.where(ok.unsqueeze(-1) & torch.isfinite(offset), offset, torch.full_like(offset, float("inf")))
         total = z.sub_(offset).reshape(B, K * C)

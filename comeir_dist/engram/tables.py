@@ -82,6 +82,23 @@ def make_kjt(ids: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] 
     return KeyedJaggedTensor(keys=feats, values=v, lengths=torch.cat(lengths), stride=s)
 
 
+def pad_kjt_stride(kjt: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
+    """Same bags, padded with empty bags so every feature has ``stride`` bags (>= the current stride).
+
+    Under DMP every rank must call the collection with the SAME stride (the pooled output exchange
+    assumes equal per-rank batch sizes); ``parallel.sparse.EngramShardedLookup`` agrees on the
+    maximum and pads with this function."""
+    s = kjt.stride()
+    if stride == s:
+        return kjt
+    if stride < s:
+        raise ValueError(f"cannot shrink stride {s} to {stride}")
+    f = len(kjt.keys())
+    lengths = kjt.lengths().reshape(f, s)
+    lengths = torch.cat([lengths, lengths.new_zeros(f, stride - s)], dim=1).reshape(-1)
+    return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=lengths, stride=stride)
+
+
 def unpack(kt: KeyedTensor, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Rows ``[N_name, dim]`` per requested feature from the collection output (indexed by key)."""
     d = kt.to_dict()
@@ -190,13 +207,14 @@ class EngramKeyBatch:
     def stride(self) -> int:
         return max([1, *self._count.values()])
 
-    def kjt(self) -> KeyedJaggedTensor:
-        """One KJT over ALL features of the collection (unrequested ones are empty)."""
+    def kjt(self, min_stride: int = 0) -> KeyedJaggedTensor:
+        """One KJT over ALL features of the collection (unrequested ones are empty), with
+        max(``stride``, ``min_stride``) bags per feature."""
         if self._built is None:
             ids = {n: torch.cat(v) for n, v in self._ids.items()}
             valid = {n: torch.cat(v) for n, v in self._valid.items()}
             self._built = make_kjt(ids, valid, features=self.index.features, stride=self.stride)
-        return self._built
+        return pad_kjt_stride(self._built, max(self.stride, int(min_stride)))
 
     def unpack(self, out: KeyedTensor) -> list[torch.Tensor]:
         """Result tensor per handle (in ``add_*`` order) from the collection's output."""
@@ -212,7 +230,8 @@ class EngramKeyBatch:
         return res
 
     def lookup(self, module: torch.nn.Module) -> list[torch.Tensor]:
-        """``unpack(module(kjt()))``: one call of the (possibly sharded) collection."""
+        """``unpack(module(kjt()))``: one call of the collection -- an unsharded EBC, or under DMP the
+        ``parallel.sparse.EngramShardedLookup`` wrapper (which equalises the stride across ranks)."""
         return self.unpack(module(self.kjt()))
 
 

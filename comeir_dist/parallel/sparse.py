@@ -10,6 +10,12 @@ Plans: ``"auto"`` runs the TorchRec planner (Topology(compute_device=<device typ
 never data-parallel; on CPU the bag sharder only offers table-/column-wise), a single sharding type
 name applies it to every table, or a dict ``table name -> "table_wise" | "row_wise" | "column_wise"``
 (unlisted tables default to table_wise). Explicit table-wise placement balances bytes greedily.
+
+Under DMP all ranks must feed the same KJT stride: call the sharded tables through
+:class:`EngramShardedLookup` (``batch.lookup(EngramShardedLookup(dmp))``), which agrees on it.
+Checkpoints: ``dmp.state_dict()`` (ShardedTensors) and ``dmp.fused_optimizer.state_dict()`` (the
+row-wise Adagrad accumulators) go through torch.distributed.checkpoint; the ``full=True`` helpers
+below assemble whole tables on every rank and are meant for small tables and tests.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from torchrec.distributed.planner.types import KernelConfig, ParameterConstraint
 from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, row_wise, table_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from comeir_dist.engram.tables import pad_kjt_stride
 
 PlanSpec = Union[str, Mapping[str, str]]
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
@@ -141,8 +150,35 @@ def shard_engram_collection(ebc: EmbeddingBagCollection, pg: dist.ProcessGroup |
                                     plan=splan, sharders=[sharder], init_data_parallel=False)
 
 
+class EngramShardedLookup(torch.nn.Module):
+    """Calls the DMP-sharded collection with a stride agreed by all ranks.
+
+    DMP's pooled-output exchange needs the same KJT stride (bags per feature) on every rank; a rank
+    with fewer requests (e.g. a smaller last batch) is padded with empty bags up to the maximum
+    (one scalar all-reduce per forward; skipped at world size 1). Every rank must call it the same
+    number of times (it is collective). Pass this module to ``EngramKeyBatch.lookup``.
+    """
+
+    def __init__(self, dmp: DistributedModelParallel, pg: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.dmp = dmp
+        self.pg = pg
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        if dist.get_world_size(self.pg) > 1:
+            t = torch.tensor([kjt.stride()], dtype=torch.int64, device=kjt.lengths().device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
+            kjt = pad_kjt_stride(kjt, int(t.item()))
+        return self.dmp(kjt)
+
+
+def _unwrap(m) -> DistributedModelParallel:
+    return m.dmp if isinstance(m, EngramShardedLookup) else m
+
+
 def describe_plan(dmp: DistributedModelParallel) -> dict[str, dict]:
-    """table -> {sharding_type, compute_kernel, ranks} (for logs and tests)."""
+    """table -> {sharding_type, compute_kernel, ranks} (for logs and tests). Accepts the lookup wrapper too."""
+    dmp = _unwrap(dmp)
     out = {}
     for _, mp in dmp.plan.plan.items():
         for name, ps in mp.items():
@@ -182,8 +218,9 @@ def _global_shape(value) -> tuple[int, ...]:
 def sparse_state_dict(dmp: DistributedModelParallel, full: bool = False) -> dict[str, torch.Tensor]:
     """Table weights. ``full=False``: DMP's own (sharded) state dict, the form torch.distributed.checkpoint
     saves and reshards. ``full=True``: every table assembled as a plain CPU tensor on every rank
-    (all-gather of local shards; for small tables, tests and single-process use)."""
-    sd = dmp.state_dict()
+    (all-gather of local shards; for small tables, tests and single-process use).
+    Accepts an :class:`EngramShardedLookup` too (keys are those of the wrapped DMP)."""
+    sd = _unwrap(dmp).state_dict()
     if not full:
         return sd
     with _quiet_sharded_tensor():
@@ -216,7 +253,7 @@ def load_sparse_state_dict(dmp: DistributedModelParallel, full_tables: Mapping[s
     """Copy full (unsharded) tables into this rank's shards, whatever the sharding. Keys as in
     ``sparse_state_dict(dmp, full=True)`` (e.g. ``embedding_bags.<table>.weight``)."""
     with _quiet_sharded_tensor():
-        _load(dmp.state_dict(), full_tables)
+        _load(_unwrap(dmp).state_dict(), full_tables)
 
 
 def _load(sd: dict, full_tables: Mapping[str, torch.Tensor]) -> None:

@@ -154,7 +154,7 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss) * len(batch)
+            tot += float(loss.detach()) * len(batch)
             for l in range(cfg.levels):
                 usage[l] += torch.bincount(codes[:, l], minlength=cfg.codebook_size)
         if epoch % cfg.dead_code_every == 0:

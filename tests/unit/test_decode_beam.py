@@ -264,3 +264,24 @@ def test_speed_realistic_shape():
     dt = time.perf_counter() - t0
     assert res.valid.all()
     assert dt < 2.0, f"beam search too slow: {dt:.3f}s"
+
+
+def test_garbage_model_output_on_dead_slots_is_ignored():
+    # 2 distinct SIDs, beam 4: dead slots exist from level 0 on; the model returns NaN/+inf for them
+    codes = torch.tensor([[1, 0], [3, 2]])
+    trie = PrefixTrie.from_codes(codes, 4)
+    B = 3
+
+    class Step:
+        def __call__(self, level, p, parent):
+            out = torch.randn(B, p.shape[1], 4)
+            if level == 1:
+                out[:, 2:, :] = float("nan")  # slots 2, 3 are dead after level 0
+                out[:, 2:, 0] = float("inf")
+            return out
+
+    res = beam_search(Step(), trie, B, beam_size=4)
+    assert res.valid.sum(1).tolist() == [2, 2, 2]
+    assert not torch.isnan(res.scores).any()
+    assert trie.contains(res.codes[:, :2]).all()
+    assert (res.codes[:, 2:] == -1).all()

@@ -1,0 +1,74 @@
+"""Single-process checkpoints of a trained model: dense state, full Engram tables, config and identity.
+
+Layout of a checkpoint dir (written to a temp dir, renamed at the end; ``COMMITTED`` written last):
+  dense.pt      model.state_dict() without the sparse tables
+  tables.pt     {group: {key: full table}} (assembled from shards) -- ComeIR only
+  meta.json     {"config": RunConfig, "step", "metrics", "sid_fingerprint", "hash_multipliers", ...}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from comeir_dist.errors import UserError
+from comeir_dist.utils.atomic import atomic_dir
+
+COMMIT = "COMMITTED"
+
+
+def dense_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("tables.")}
+
+
+def hash_state(model) -> dict:
+    from comeir_dist.engram.hashing import multipliers_state
+
+    if not hasattr(model, "lookup"):
+        return {}
+    return {g: multipliers_state(ix.hashers) for g, ix in model.lookup.index.items()}
+
+
+def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_fingerprint: str) -> Path:
+    from comeir_dist.parallel.engram_tables import full_tables_state
+
+    with atomic_dir(path) as tmp:
+        torch.save(dense_state(model), tmp / "dense.pt")
+        if hasattr(model, "tables"):
+            torch.save(full_tables_state(model.tables), tmp / "tables.pt")
+        meta = {"config": cfg.model_dump(mode="json"), "step": step, "metrics": metrics,
+                "sid_fingerprint": sid_fingerprint, "variant": cfg.model.variant,
+                "hash_multipliers": hash_state(model)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / COMMIT).write_text(str(step))
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not (path / "meta.json").is_file() or not (path / COMMIT).is_file():
+        raise UserError(f"{path}: not a committed checkpoint (missing meta.json or {COMMIT})")
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path / 'meta.json'}: malformed JSON: {exc.msg}") from None
+
+
+def load_checkpoint_into(path: Path, model, meta: dict, sid_fingerprint: str) -> None:
+    """Load weights, refusing a checkpoint trained on another SID table or with other hash seeds."""
+    from comeir_dist.parallel.engram_tables import load_full_tables_state
+
+    path = Path(path)
+    if meta["sid_fingerprint"] != sid_fingerprint:
+        raise UserError(f"{path}: checkpoint was trained on another SID table (fingerprint "
+                        f"{meta['sid_fingerprint'][:12]} != dataset's {sid_fingerprint[:12]})")
+    if meta.get("hash_multipliers", {}) != hash_state(model):
+        raise UserError(f"{path}: Engram hash multipliers/table sizes differ from the config")
+    missing, unexpected = model.load_state_dict(torch.load(path / "dense.pt", weights_only=True), strict=False)
+    missing = [k for k in missing if not k.startswith("tables.")]
+    if missing or unexpected:
+        raise UserError(f"{path}: checkpoint does not match the model config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model, "tables"):
+        load_full_tables_state(model.tables, torch.load(path / "tables.pt", weights_only=True))

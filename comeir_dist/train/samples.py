@@ -1,0 +1,64 @@
+"""Training and evaluation samples as padded tensors (left padding with -1, most recent item last)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from comeir_dist.data.dataset import read_split
+
+
+def pad_left(seqs: list[list[int]], width: int) -> np.ndarray:
+    """Most recent ``width`` items of each sequence, left-padded with -1."""
+    out = np.full((len(seqs), width), -1, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tail = s[-width:]
+        if tail:
+            out[i, width - len(tail):] = tail
+    return out
+
+
+def training_samples(dataset_dir, max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every prefix of every user's training items: (history [S, N], target [S])."""
+    hist, tgt = [], []
+    for seq in read_split(dataset_dir, "train").column("items").to_pylist():
+        for j in range(1, len(seq)):
+            hist.append(seq[max(0, j - max_history):j])
+            tgt.append(seq[j])
+    return pad_left(hist, max_history), np.asarray(tgt, dtype=np.int64)
+
+
+def split_samples(dataset_dir, split: str, max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user_idx [U], history [U, N], target [U]) of the valid or test split."""
+    t = read_split(dataset_dir, split)
+    users = np.asarray(t.column("user_idx").to_pylist(), dtype=np.int64)
+    return users, pad_left(t.column("history").to_pylist(), max_history), np.asarray(t.column("target").to_pylist())
+
+
+class EpochSampler:
+    """Seeded shuffled batches with an explicit position (epoch, offset) so a run can resume exactly."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.offset = epoch, offset
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        if self.offset >= self.n:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        idx = self._perm[self.offset:self.offset + self.batch_size]
+        self.offset += len(idx)
+        return idx
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+def to_batch(hist: np.ndarray, target: np.ndarray | None, device):
+    from comeir_dist.model.history import HistoryBatch
+
+    return HistoryBatch(torch.as_tensor(hist, device=device),
+                        None if target is None else torch.as_tensor(target, device=device))

@@ -1,0 +1,54 @@
+"""Build a ready-to-train (or evaluate) model from a RunConfig: data, SIDs, sharded tables, device."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from comeir_dist.config.run import RunConfig
+from comeir_dist.data.dataset import check_dataset_dir
+from comeir_dist.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' requested but no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_inputs(cfg: RunConfig):
+    """(SidTable, item embeddings) with one-line errors when a stage has not been run."""
+    from comeir_dist.quant.embed import load_item_embeddings
+    from comeir_dist.quant.sid_table import load_sids
+
+    check_dataset_dir(cfg.dataset)
+    sids = load_sids(cfg.dataset, cfg.sid_method)
+    emb = load_item_embeddings(cfg.dataset)
+    return sids, emb
+
+
+def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="auto"):
+    """Model on ``device`` with its Engram tables under DMP (fused row-wise Adagrad), same path for 1..N ranks."""
+    from comeir_dist.model.factory import build_model
+    from comeir_dist.parallel.engram_tables import shard_engram_tables
+
+    model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
+    if hasattr(model, "tables"):
+        shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan)
+    model.to(device)
+    model.trie = model.trie.to(device)
+    return model
+
+
+def dense_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Everything the dense optimizer may touch: never the Engram tables."""
+    return [p for n, p in model.named_parameters() if not n.startswith("tables.") and p.requires_grad]
