@@ -1,8 +1,17 @@
 """RQ-KMeans: shapes, ranges, determinism, residual logic (Eq. 29)."""
 import numpy as np
+import pytest
 import torch
 
 from comeir_dist.quant.rqkmeans import fit_rqkmeans, kmeans, rq_assign
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _blobs(n_per=20, k=4, d=8, seed=0):

@@ -1,9 +1,19 @@
 """RQ-VAE: shapes, ranges, determinism, Eq. 30 loss terms, dead-code re-seeding."""
 import numpy as np
+import pytest
 import torch
 
 from comeir_dist.config.pipeline import QuantizeConfig
 from comeir_dist.quant.rqvae import RQVAE, _reseed_dead, fit_rqvae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run much faster single-threaded (and so do the Ray tasks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cfg(**kw):
@@ -55,7 +65,7 @@ def test_loss_terms_and_gradients():
 def test_training_reduces_reconstruction():
     x = _x(64, 8, seed=5)
     short, _ = fit_rqvae(x, _cfg(epochs=1, codebook_size=8, latent_dim=8, hidden_dims=[32]), seed=0)
-    long, _ = fit_rqvae(x, _cfg(epochs=150, codebook_size=8, latent_dim=8, hidden_dims=[32],
+    long, _ = fit_rqvae(x, _cfg(epochs=60, codebook_size=8, latent_dim=8, hidden_dims=[32],
                                 lr=3e-3), seed=0)
     err = lambda r: float(((x - r.recon) ** 2).mean())
     assert err(long) < err(short)

@@ -1,0 +1,56 @@
+"""Tiny synthetic datasets in the prepared layout (items, splits, embeddings, SIDs) for fast tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from comeir_dist.config.pipeline import PrepareConfig
+from comeir_dist.data.prepare import run_prepare
+from comeir_dist.data.schema import emb_schema
+from comeir_dist.quant.report import codes_fingerprint
+from comeir_dist.quant.run import write_sids
+
+TINY_BACKBONE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
+                 "max_positions": 64, "dropout": 0.0}
+
+
+def make_tiny_dataset(root: Path, n_users=24, n_items=40, seq_len=6, levels=3, codebook_size=8, emb_dim=16,
+                      seed=0, method="rqkmeans") -> Path:
+    """Users walk a fixed item cycle (learnable transitions); distinct random SIDs; random embeddings."""
+    rng = np.random.default_rng(seed)
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    inter = {str(u): [(u * 3 + j) % n_items for j in range(seq_len)] for u in range(n_users)}
+    items = {str(i): {"title": f"item {i}", "description": f"about {i}"} for i in range(n_items)}
+    (raw / "Tiny.inter.json").write_text(json.dumps(inter))
+    (raw / "Tiny.item.json").write_text(json.dumps(items))
+    ds = run_prepare(PrepareConfig(input=str(raw), out=str(root / "ds"), k_core=1))
+    n = pq.read_metadata(ds / "items.parquet").num_rows
+    x = rng.standard_normal((n, emb_dim)).astype(np.float32)
+    pq.write_table(pa.table({"item_idx": pa.array(np.arange(n, dtype=np.int32)),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), emb_dim)},
+                            schema=emb_schema(emb_dim)), ds / "item_emb.parquet")
+    all_sids = np.stack(np.meshgrid(*[np.arange(codebook_size)] * levels, indexing="ij"), -1).reshape(-1, levels)
+    codes = all_sids[rng.choice(len(all_sids), n, replace=False)]
+    codebooks = rng.standard_normal((levels, codebook_size, emb_dim)).astype(np.float32)
+    out = ds / "sids" / method
+    out.mkdir(parents=True)
+    write_sids(out, codes, codebooks, {"method": method, "fingerprint": codes_fingerprint(codes)})
+    return ds
+
+
+def tiny_run_config(ds: Path, out: Path, variant="comeir", codebook_size=8, **train):
+    from comeir_dist.config.run import RunConfig
+
+    t = {"batch_size": 32, "max_steps": 20, "eval_every": 10, "eval_users": 16, "log_every": 5, "warmup_steps": 2,
+         "lr": 3e-3}
+    t.update(train)
+    return RunConfig.model_validate({
+        "dataset": str(ds), "out": str(out), "max_history": 8,
+        "engram": {"codebook_size": codebook_size, "s_t": 0.5, "s_s": 0.5, "d_m": 16, "sparse_lr": 0.1},
+        "model": {"variant": variant, "token_dim": 8, "window": 3, "backbone": TINY_BACKBONE},
+        "train": t, "eval": {"beam_size": 5, "batch_size": 16}})
