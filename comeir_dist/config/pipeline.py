@@ -40,6 +40,8 @@ class QuantizeConfig(Section):
     restarts: int = Field(2, ge=1, description="Independent seeds run as parallel Ray tasks; the best is kept.")
     seed: int = 42
     kmeans_iters: int = Field(50, ge=1)
+    kmeans_balanced: bool = Field(True, description="Balanced k-means (at most ceil(I/C) items per code) for RQ-KMeans levels and the RQ-VAE codebook init; False = plain Lloyd.")
+    resolve_collisions: bool = Field(True, description="After fitting, items sharing a full SID move to their nearest last-level code unused within their (L-1)-prefix (L and codebooks unchanged); False = plain argmin of Eq. 29.")
     # RQ-VAE (Eq. 29-30)
     latent_dim: int = Field(64, ge=2)
     hidden_dims: list[int] = Field(default_factory=lambda: [256, 128])

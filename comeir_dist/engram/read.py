@@ -45,12 +45,13 @@ class EngramRead(nn.Module):
         self.ln.reset_parameters()
 
     def forward(self, q: torch.Tensor, addr: torch.Tensor, valid: torch.Tensor | None = None,
-                return_gates: bool = False):
+                return_gates: bool = False, q_index: torch.Tensor | None = None):
         """``q [..., d_q]``, ``addr [..., O, d_m]``, ``valid [..., O]`` (bool) -> ``[..., d_out]``.
 
         Leading dims of ``q`` broadcast against those of ``addr`` (e.g. ``q [B, 1, d_q]`` with
         candidate addresses ``[B, K, O, d_m]``). With ``return_gates`` also returns the gates
-        ``lambda [..., O]`` (0 for invalid orders).
+        ``lambda [..., O]`` (0 for invalid orders). ``q_index [M]`` (optional): ``q`` holds distinct
+        queries and address row i uses ``q[q_index[i]]`` (gathered after the query projection).
         """
         if addr.shape[-2:] != (self.n_orders, self.d_m):
             raise ValueError(f"addr must end with ({self.n_orders}, {self.d_m}), got {tuple(addr.shape)}")
@@ -59,12 +60,17 @@ class EngramRead(nn.Module):
         valid = valid.bool()
         a = torch.where(valid.unsqueeze(-1), addr, torch.zeros((), dtype=addr.dtype, device=addr.device))
         a = a.to(self.w_k.dtype)
-        qk = self.w_q(q).unsqueeze(-2)  # [..., 1, d_k]
-        kk = torch.einsum("...od,odk->...ok", a, self.w_k)  # [..., O, d_k]
-        gate = torch.sigmoid((qk * kk).sum(-1) / math.sqrt(self.d_k))  # [..., O]
+        # (W_Q q)^T (W_K,o a) = (W_K,o^T W_Q q)^T a: fold the key projection into the query side, so each
+        # address row costs O*d_m for the gate instead of O*d_m*d_k (queries are shared by many addresses
+        # at decode time: one user state scores every candidate code).
+        g = torch.einsum("...k,odk->...od", self.w_q(q), self.w_k)  # [..., O, d_m]
+        if q_index is not None:
+            g = g[q_index]
+        gate = torch.sigmoid((g * a).sum(-1) / math.sqrt(self.d_k))  # [..., O]  (Eq. 15)
         gate = gate * valid.to(gate.dtype)
-        vv = torch.einsum("...od,odk->...ok", a, self.w_v)  # [..., O, d_out]
-        s = (gate.unsqueeze(-1) * vv).sum(-2)  # [..., d_out]
+        # sum_o lambda_o W_V,o a_o as one matmul over the concatenated gated addresses (Eq. 16)
+        gated = (gate.unsqueeze(-1) * a).flatten(-2)  # [..., O*d_m]
+        s = gated @ self.w_v.reshape(self.n_orders * self.d_m, self.d_out)  # [..., d_out]
         any_valid = valid.any(-1, keepdim=True)
         out = torch.where(any_valid, self.ln(s), torch.zeros((), dtype=s.dtype, device=s.device))
         return (out, gate) if return_gates else out

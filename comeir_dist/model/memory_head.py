@@ -87,16 +87,16 @@ class MemoryHead(nn.Module):
         """Raw scores ``[B, K, C]`` (-inf for invalid codes); ``code_emb [C, d]`` = e_x of this level."""
         l = req.level
         i = l - 1
-        z = zeta[req.b]
-        mu = torch.zeros_like(z)
+        # per-user terms are computed once and gathered per (beam, candidate) pair
+        base = self.w_h[i](zeta)[req.b] + self.w_c[i](code_emb)[req.x]
         if req.intra:
             addr, valid = read_addresses(lp, req.intra)
-            mu = mu + self.w_s[i](self.reads[f"intra{l}"](z, addr, valid))
+            base = base + self.w_s[i](self.reads[f"intra{l}"](zeta, addr, valid, q_index=req.b))
         if req.inter:
-            q = self.decode_query(l, zeta, s0, mask)[req.b]
+            q = self.decode_query(l, zeta, s0, mask)
             addr, valid = read_addresses(lp, req.inter)
-            mu = mu + self.w_t[i](self.reads[f"inter{l}"](q, addr, valid))
-        hidden = self.ln[i](self.w_h[i](zeta)[req.b] + self.w_c[i](code_emb)[req.x] + mu)
+            base = base + self.w_t[i](self.reads[f"inter{l}"](q, addr, valid, q_index=req.b))
+        hidden = self.ln[i](base)
         psi = self.w_out[i](hidden).squeeze(-1)
         out = torch.full(req.shape, float("-inf"), dtype=psi.dtype, device=psi.device)
         out[req.b, req.k, req.x] = psi

@@ -10,7 +10,7 @@ RQ-VAE codebooks (rqvae.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class RQResult:
     codes: np.ndarray       # [I, L] int64, c_n^l
     codebooks: np.ndarray   # [L, C, D] float32, b_{l,j} (D = d for RQ-KMeans, latent dim for RQ-VAE)
     recon: np.ndarray       # [I, d] float32, reconstruction of the input embedding
+    info: dict = field(default_factory=dict)  # argmin_distinct_sids, reassigned_items, ...
 
 
 def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -48,21 +49,58 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(centers).clone()
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_assign(d: torch.Tensor, cap: int) -> torch.Tensor:
+    """Assignment [n] minimising distances d [n, k] under "at most ``cap`` points per cluster".
+
+    Deferred acceptance: every point proposes to its nearest cluster that has not rejected it; a
+    cluster holding more than ``cap`` proposals keeps the ``cap`` nearest (ties: lower index) and
+    rejects the rest, who propose again. Terminates when nobody is rejected (needs n <= k * cap);
+    the result is a stable matching, computed with vectorised rounds.
+    """
+    n, k = d.shape
+    if n > k * cap:
+        raise ValueError(f"cannot place {n} points in {k} clusters of capacity {cap}")
+    d = d.clone()
+    a = d.argmin(1)
+    idx = np.arange(n)
+    while True:
+        dist = d.gather(1, a[:, None])[:, 0]
+        order = torch.as_tensor(np.lexsort((idx, dist.numpy(), a.numpy())))
+        counts = torch.bincount(a, minlength=k)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(n) - starts[a[order]]
+        rejected = order[rank >= cap]
+        if len(rejected) == 0:
+            return a
+        d[rejected, a[rejected]] = float("inf")
+        a[rejected] = d[rejected].argmin(1)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator,
+           balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd k-means on x [n, d]; returns (centroids [k, d], assignment [n] int64).
 
-    Empty clusters are re-seeded with the points farthest from their current centroid (one distinct
-    point per empty cluster), so every code can be used whenever n >= k.
+    ``balanced``: each cluster holds at most ceil(n / k) points (balanced k-means, as used for
+    RQ-Kmeans in OneRec); the assignment step is ``balanced_assign`` instead of the argmin. Plain
+    k-means on residuals tends to one giant near-zero cluster plus many singletons; balancing keeps
+    every code in use with similar counts. Empty clusters are re-seeded with the points farthest from
+    their current centroid, so every code can be used whenever n >= k.
     """
     x = x.detach().float()
     n = x.shape[0]
     if k > n:
         raise ValueError(f"k-means with k={k} > n={n} points")
+    cap = -(-n // k)
+
+    def assign_step(cent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = sq_dists(x, cent)
+        a = balanced_assign(d, cap) if balanced else d.argmin(1)
+        return d.gather(1, a[:, None])[:, 0], a
+
     cent = _kmeanspp(x, k, gen)
     assign = torch.full((n,), -1, dtype=torch.long)
     for _ in range(max(1, iters)):
-        d = sq_dists(x, cent)
-        new_min, new_assign = d.min(1)
+        new_min, new_assign = assign_step(cent)
         counts = torch.bincount(new_assign, minlength=k)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
@@ -75,7 +113,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[t
         assign = new_assign
         if converged:
             break
-    assign = sq_dists(x, cent).argmin(1)  # final assignment matches the returned centroids
+    _, assign = assign_step(cent)  # final assignment matches the returned centroids
     return cent, assign
 
 
@@ -91,18 +129,30 @@ def rq_assign(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def fit_rqkmeans(x: np.ndarray, levels: int, codebook_size: int, iters: int = 50,
-                 seed: int = 0) -> RQResult:
-    """Fit L levels of k-means on residuals of ``x`` [I, d] (deterministic for ``seed``)."""
+                 seed: int = 0, resolve_collisions: bool = False, balanced: bool = False) -> RQResult:
+    """Fit L levels of k-means on residuals of ``x`` [I, d] (deterministic for ``seed``).
+
+    ``balanced`` selects balanced k-means at every level. With ``resolve_collisions`` items sharing a SID are spread over the last level afterwards
+    (collisions.py); ``info`` keeps the number of distinct SIDs of the plain argmin assignment.
+    """
+    from comeir_dist.quant.collisions import resolve_last_level
+
     gen = torch.Generator().manual_seed(int(seed))
-    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    xt = torch.tensor(np.asarray(x, dtype=np.float32))
     r = xt.clone()
     books, codes = [], []
     for _ in range(levels):
-        cent, assign = kmeans(r, codebook_size, iters, gen)
+        last_input = r
+        cent, assign = kmeans(r, codebook_size, iters, gen, balanced=balanced)
         books.append(cent)
         codes.append(assign)
         r = r - cent[assign]
     codebooks = torch.stack(books)
-    return RQResult(codes=torch.stack(codes, 1).numpy().astype(np.int64),
-                    codebooks=codebooks.numpy().astype(np.float32),
-                    recon=(xt - r).numpy().astype(np.float32))
+    codes_np = torch.stack(codes, 1).numpy().astype(np.int64)
+    info = {"argmin_distinct_sids": int(len(np.unique(codes_np, axis=0))), "reassigned_items": 0}
+    if resolve_collisions:
+        codes_np, moved = resolve_last_level(codes_np, sq_dists(last_input, books[-1]).numpy())
+        info["reassigned_items"] = moved
+        r = last_input - books[-1][torch.as_tensor(codes_np[:, -1])]
+    return RQResult(codes=codes_np, codebooks=codebooks.numpy().astype(np.float32),
+                    recon=(xt - r).numpy().astype(np.float32), info=info)

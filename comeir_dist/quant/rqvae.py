@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from comeir_dist.config.pipeline import QuantizeConfig
+from comeir_dist.quant.collisions import resolve_last_level
 from comeir_dist.quant.rqkmeans import RQResult, kmeans, sq_dists
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,12 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
               log_every: Optional[int] = None) -> tuple[RQResult, RQVAE]:
     """Train an RQ-VAE on embeddings x [I, d] with the RQ-VAE fields of ``cfg``.
 
-    Returns (codes/codebooks/reconstruction, trained model).
+    With ``cfg.resolve_collisions`` items sharing a SID are spread over the last level after training
+    (collisions.py) and decoded from their new codes. Returns (codes/codebooks/reconstruction, model).
     """
     torch.manual_seed(int(seed))
     gen = torch.Generator().manual_seed(int(seed))
-    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    xt = torch.tensor(np.asarray(x, dtype=np.float32))
     n, d = xt.shape
     if cfg.codebook_size > n:
         raise ValueError(f"codebook_size {cfg.codebook_size} > {n} items")
@@ -136,7 +138,7 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
     with torch.no_grad():  # k-means initialisation of each codebook on the first-pass residuals
         r = model.encoder(xt)
         for l in range(cfg.levels):
-            cent, assign = kmeans(r, cfg.codebook_size, cfg.kmeans_iters, gen)
+            cent, assign = kmeans(r, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_balanced)
             model.codebooks.data[l] = cent
             r = r - cent[assign]
 
@@ -166,9 +168,20 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
 
     model.eval()
     codes, x_hat = model.encode_decode(xt)
-    result = RQResult(codes=codes.numpy().astype(np.int64),
+    codes_np = codes.numpy().astype(np.int64)
+    info = {"argmin_distinct_sids": int(len(np.unique(codes_np, axis=0))), "reassigned_items": 0,
+            "reseeded_codes": reseeded}
+    if cfg.resolve_collisions:
+        with torch.no_grad():
+            last = model.codebooks[-1]
+            dists = sq_dists(model.residuals(xt)[-1], last).numpy()
+        codes_np, info["reassigned_items"] = resolve_last_level(codes_np, dists)
+        with torch.no_grad():
+            idx = torch.as_tensor(codes_np)
+            z_hat = sum(model.codebooks[l][idx[:, l]] for l in range(model.levels))
+            x_hat = model.decoder(z_hat)
+    result = RQResult(codes=codes_np,
                       codebooks=model.codebooks.detach().numpy().astype(np.float32).copy(),
-                      recon=x_hat.numpy().astype(np.float32))
+                      recon=x_hat.numpy().astype(np.float32), info=info)
     log.debug("rqvae seed %d: %d codes re-seeded", seed, reseeded)
-    model.reseeded_codes = reseeded  # type: ignore[attr-defined]
     return result, model

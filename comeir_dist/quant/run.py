@@ -63,21 +63,20 @@ def fit_quantizer(emb: np.ndarray, cfg: QuantizeConfig, seed: int, num_threads: 
 
     torch.set_num_threads(max(1, int(num_threads)))
     t0 = time.perf_counter()
-    extra = {}
     if cfg.method == "rqkmeans":
         from comeir_dist.quant.rqkmeans import fit_rqkmeans
 
-        res = fit_rqkmeans(emb, cfg.levels, cfg.codebook_size, cfg.kmeans_iters, seed)
+        res = fit_rqkmeans(emb, cfg.levels, cfg.codebook_size, cfg.kmeans_iters, seed,
+                           resolve_collisions=cfg.resolve_collisions, balanced=cfg.kmeans_balanced)
     elif cfg.method == "rqvae":
         from comeir_dist.quant.rqvae import fit_rqvae
 
-        res, model = fit_rqvae(emb, cfg, seed)
-        extra["reseeded_codes"] = int(getattr(model, "reseeded_codes", 0))
+        res, _ = fit_rqvae(emb, cfg, seed)
     else:  # pragma: no cover - QuantizeConfig restricts method
         raise UserError(f"quantize.method = {cfg.method!r}: allowed values 'rqkmeans', 'rqvae'")
     wall = time.perf_counter() - t0
     summary = summarize(res.codes, cfg.codebook_size, emb, res.recon, wall, seed)
-    summary.update(extra)
+    summary.update(res.info)
     return {"seed": int(seed), "codes": res.codes.astype(np.int32), "codebooks": res.codebooks,
             "summary": summary}
 
@@ -160,6 +159,8 @@ def run_quantize(dataset_dir: Path, cfg: QuantizeConfig, ray_address: Optional[s
         "distinct_sids": s["distinct_sids"], "distinct_fraction": s["distinct_fraction"],
         "items_in_collisions": s["items_in_collisions"], "max_items_per_sid": s["max_items_per_sid"],
         "recon_mse": s["recon_mse"], "recon_rel_err": s["recon_rel_err"],
+        "resolve_collisions": cfg.resolve_collisions,
+        "argmin_distinct_sids": s["argmin_distinct_sids"], "reassigned_items": s["reassigned_items"],
         "codebook_shape": list(best["codebooks"].shape),
         "wall_time_s": round(wall, 3),
         "selection_criterion": SELECTION_CRITERION,
