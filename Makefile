@@ -35,7 +35,7 @@ test-integration: setup
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python jobs/demo.py --config configs/demo_cpu.yaml
+	$(BIN)/python jobs/demo.py --pipeline configs/preprocess.yaml --config configs/comeir_cpu.yaml
 
 clean:
 	rm -rf $(VENV) runs

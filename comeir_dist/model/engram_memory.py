@@ -31,16 +31,34 @@ def grouped_specs(cfg: EngramConfig) -> dict[str, list[TableSpec]]:
 
 
 class EngramTables(nn.Module):
-    """All Engram tables: ``forward({group: KJT}) -> {group: KeyedTensor}``."""
+    """All Engram tables: ``forward({group: KJT}) -> {group: KeyedTensor}``.
+
+    Unsharded, the collections are ordinary submodules (``groups``). Once sharded, the distributed
+    modules are attached with :meth:`attach` and kept OUTSIDE this module tree: the dense optimizer,
+    ``model.state_dict()`` and DeepSpeed never see them (their state is saved through the sharded path),
+    and a DMP nested in a module tree would rewrite its parent's state-dict keys.
+    """
 
     def __init__(self, cfg: EngramConfig, device: str | torch.device = "cpu"):
         super().__init__()
         self.groups = nn.ModuleDict({
             g: build_engram_collection(specs, device=device, dtype=cfg.table_dtype, init_scale=cfg.init_scale)
             for g, specs in grouped_specs(cfg).items()})
+        self._attached: dict[str, nn.Module] | None = None
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        """Serve lookups from ``modules`` (e.g. DMP-sharded collections) and drop the unsharded ones."""
+        if set(modules) != set(self.groups.keys()):
+            raise ValueError(f"attach needs every group {sorted(self.groups.keys())}, got {sorted(modules)}")
+        object.__setattr__(self, "_attached", dict(modules))
+        self.groups = nn.ModuleDict()
+
+    def collections(self) -> dict[str, nn.Module]:
+        return self._attached if self._attached is not None else dict(self.groups.items())
 
     def forward(self, kjts: dict):
-        return {g: self.groups[g](kjt) for g, kjt in kjts.items()}
+        mods = self.collections()
+        return {g: mods[g](kjt) for g, kjt in kjts.items()}
 
 
 class EngramLookup:

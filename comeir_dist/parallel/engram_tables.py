@@ -9,24 +9,25 @@ from comeir_dist.parallel.sparse import load_sparse_state_dict, shard_engram_col
 
 def shard_engram_tables(tables: torch.nn.Module, cfg: EngramConfig, device: str | torch.device = "cpu",
                         plan="auto", pg=None) -> torch.nn.Module:
-    """Replace every group collection of ``tables`` (built on the meta device) by its sharded DMP, in place.
+    """Shard every group collection of ``tables`` (built on the meta device) with DMP and attach the result.
 
     One forward still issues one lookup per group; the fused kernel updates looked-up rows in backward.
     """
-    for name in list(tables.groups.keys()):
-        ebc = tables.groups[name]
+    sharded = {}
+    for name, ebc in tables.groups.items():
         group_plan = plan if isinstance(plan, str) else {k: v for k, v in plan.items()
                                                          if k in {c.name for c in ebc.embedding_bag_configs()}}
-        tables.groups[name] = shard_engram_collection(ebc, pg=pg, device=device, plan=group_plan,
-                                                      lr=cfg.sparse_lr, eps=cfg.eps)
+        sharded[name] = shard_engram_collection(ebc, pg=pg, device=device, plan=group_plan,
+                                                lr=cfg.sparse_lr, eps=cfg.eps)
+    tables.attach(sharded)
     return tables
 
 
 def full_tables_state(tables: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """{group: {key: full CPU tensor}} assembled from the shards (collective when world > 1)."""
-    return {g: sparse_state_dict(m, full=True) for g, m in tables.groups.items()}
+    return {g: sparse_state_dict(m, full=True) for g, m in tables.collections().items()}
 
 
 def load_full_tables_state(tables: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    for g, m in tables.groups.items():
+    for g, m in tables.collections().items():
         load_sparse_state_dict(m, state[g])

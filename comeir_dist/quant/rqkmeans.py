@@ -4,12 +4,20 @@ Level l fits k-means (k-means++ seeding, Lloyd iterations) on the current residu
 cluster index becomes c^l and the chosen centroid is subtracted (Eq. 29 with b_{l,j} = centroid j).
 The SID length L and codebook size C are exactly as configured: no extra disambiguation level.
 
-Everything runs in torch on the CPU with a seeded ``torch.Generator``; for a given seed, input and
-thread count the result is bit-for-bit reproducible. The same ``kmeans`` routine initialises the
+``balanced=True`` (config ``kmeans_balanced``, default) uses balanced k-means: each cluster holds at
+most ceil(I/C) items (the RQ-Kmeans variant of OneRec). Plain Lloyd on residuals of sentence
+embeddings collapses: on the bundled Scientific data level 3 put 1,605 of 4,344 items in one code and
+the median code held one item; balanced clusters keep every code in use, lower the reconstruction
+error and raise the number of distinct SIDs. ``resolve_collisions`` then spreads items that still share
+a SID over the last level (collisions.py).
+
+Everything runs in torch/numpy on the CPU with a seeded ``torch.Generator``; for a given seed, input
+and thread count the result is bit-for-bit reproducible. The same ``kmeans`` routine initialises the
 RQ-VAE codebooks (rqvae.py).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,30 +58,51 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def balanced_assign(d: torch.Tensor, cap: int) -> torch.Tensor:
-    """Assignment [n] minimising distances d [n, k] under "at most ``cap`` points per cluster".
+    """Assignment [n] of points to clusters under "at most ``cap`` points per cluster".
 
-    Deferred acceptance: every point proposes to its nearest cluster that has not rejected it; a
-    cluster holding more than ``cap`` proposals keeps the ``cap`` nearest (ties: lower index) and
-    rejects the rest, who propose again. Terminates when nobody is rejected (needs n <= k * cap);
-    the result is a stable matching, computed with vectorised rounds.
+    Deferred acceptance (Gale-Shapley, points proposing): every point proposes to its nearest cluster
+    that has not rejected it; a cluster holding more than ``cap`` points keeps the ``cap`` nearest
+    (ties: lower point index) and rejects the farthest, who proposes again. The result is the
+    point-optimal stable matching, so it does not depend on the proposal order. Needs n <= k * cap.
     """
-    n, k = d.shape
+    dn = d.detach().numpy()
+    n, k = dn.shape
     if n > k * cap:
         raise ValueError(f"cannot place {n} points in {k} clusters of capacity {cap}")
-    d = d.clone()
-    a = d.argmin(1)
-    idx = np.arange(n)
-    while True:
-        dist = d.gather(1, a[:, None])[:, 0]
-        order = torch.as_tensor(np.lexsort((idx, dist.numpy(), a.numpy())))
-        counts = torch.bincount(a, minlength=k)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n) - starts[a[order]]
-        rejected = order[rank >= cap]
-        if len(rejected) == 0:
-            return a
-        d[rejected, a[rejected]] = float("inf")
-        a[rejected] = d[rejected].argmin(1)
+    pref = np.argsort(dn, axis=1, kind="stable")
+    ptr = np.zeros(n, dtype=np.int64)
+    first = pref[:, 0]
+    first_d = dn[np.arange(n), first]
+    # first round vectorised: each cluster keeps its cap nearest first-choice proposals
+    order = np.lexsort((np.arange(n), first_d, first))
+    counts = np.bincount(first, minlength=k)
+    rank = np.arange(n) - (np.cumsum(counts) - counts)[first[order]]
+    heaps: list[list] = [[] for _ in range(k)]  # max-heaps on (dist, index) via negated keys
+    free = []
+    for p, r in zip(order.tolist(), rank.tolist()):
+        if r < cap:
+            heaps[first[p]].append((-float(first_d[p]), -p))
+        else:
+            free.append(p)
+    for h in heaps:
+        heapq.heapify(h)
+    assign = first.copy()
+    while free:
+        p = free.pop()
+        ptr[p] += 1
+        c = pref[p, ptr[p]]
+        item = (-float(dn[p, c]), -p)
+        h = heaps[c]
+        if len(h) < cap:
+            heapq.heappush(h, item)
+            assign[p] = c
+        elif item > h[0]:  # p is nearer than the farthest point the cluster holds
+            _, q = heapq.heapreplace(h, item)
+            assign[p] = c
+            free.append(-q)
+        else:
+            free.append(p)
+    return torch.as_tensor(assign, dtype=torch.long)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator,

@@ -17,6 +17,8 @@ of a first pass over all items; Adam for ``epochs`` epochs over shuffled minibat
 every ``dead_code_every`` epochs, codes not selected by any item during that window are re-seeded
 from randomly chosen current residuals of their level (and their Adam moments reset). No re-seeding
 happens in the last window, so the final codebooks have been trained after the last reset.
+After training, codes are the argmin of Eq. 29; with ``cfg.resolve_collisions`` items sharing a SID
+are spread over the last level (collisions.py) and decoded from the codes they end up with.
 Deterministic for a given seed (torch.manual_seed + a seeded generator; single-threaded by default).
 """
 from __future__ import annotations

@@ -9,6 +9,10 @@ SIDs** wins; ties are broken by the **lower reconstruction MSE**, then by the lo
 come first because a collision makes items indistinguishable to the generator; the reconstruction
 error says how much of the embedding the codes keep.
 
+RQ-KMeans uses balanced k-means by default (``kmeans_balanced``); with ``resolve_collisions``
+(default) items that still share a SID after fitting are spread over the last level (collisions.py);
+report.json keeps ``argmin_distinct_sids`` (plain Eq. 29 assignment) and ``reassigned_items``.
+
 Output, written atomically to DIR/sids/<method>/:
   codes.parquet   item_idx int32, codes list<int32> of length L, sorted by item_idx
   codebooks.npy   float32 [L, C, D]: the frozen e^B of Eq. 2 (RQ-KMeans: centroids in embedding
@@ -61,7 +65,15 @@ def fit_quantizer(emb: np.ndarray, cfg: QuantizeConfig, seed: int, num_threads: 
     """Fit one quantiser (one restart) in this process; returns codes, codebooks and its summary."""
     import torch
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(num_threads)))
+    try:
+        return _fit(emb, cfg, seed)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fit(emb: np.ndarray, cfg: QuantizeConfig, seed: int) -> dict:
     t0 = time.perf_counter()
     if cfg.method == "rqkmeans":
         from comeir_dist.quant.rqkmeans import fit_rqkmeans
