@@ -129,10 +129,11 @@ def embed_texts(model_path: str, texts: list[str], batch_size: int, max_seq_leng
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _embed_shard(shard_id: int, model_path: str, texts: list[str], batch_size: int,
+def _embed_shard(shard_id: int, model: str, texts: list[str], batch_size: int,
                  max_seq_length: int, normalize: bool, num_threads: int):
-    """Ray task body: returns (shard_id, embeddings)."""
-    return shard_id, embed_texts(model_path, texts, batch_size, max_seq_length, normalize, num_threads)
+    """Ray task body: returns (shard_id, embeddings). The model is resolved on the worker's node."""
+    return shard_id, embed_texts(resolve_model(model), texts, batch_size, max_seq_length, normalize,
+                                 num_threads)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -165,7 +166,7 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
         log.info("embed: cached (%s, fingerprint %s)", out, fingerprint[:12])
         return out
 
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model)  # fail fast here; workers resolve it again on their node
     order = np.argsort(items.column("item_idx").to_numpy(zero_copy_only=False), kind="stable")
     items = items.take(pa.array(order))  # rows now in item_idx order
     texts = build_texts(items, cfg.text_fields, cfg.max_chars)
@@ -182,7 +183,8 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
         import ray
 
         task = ray.remote(num_cpus=cfg.cpus_per_task)(_embed_shard)
-        pending = [task.remote(s, model_path, texts[bounds[s]:bounds[s + 1]], cfg.batch_size,
+        spec = cfg.model if cfg.model == BUNDLED_MODEL else model_path  # absolute local path
+        pending = [task.remote(s, spec, texts[bounds[s]:bounds[s + 1]], cfg.batch_size,
                                cfg.max_seq_length, cfg.normalize, threads)
                    for s in range(num_shards)]
         with tqdm(total=num_shards, desc="embed shards", unit="shard") as bar:

@@ -69,9 +69,9 @@ def balanced_assign(d: torch.Tensor, cap: int) -> torch.Tensor:
     n, k = dn.shape
     if n > k * cap:
         raise ValueError(f"cannot place {n} points in {k} clusters of capacity {cap}")
-    pref = np.argsort(dn, axis=1, kind="stable")
+    first = dn.argmin(1)  # same tie rule as a stable argsort: lowest cluster index
     ptr = np.zeros(n, dtype=np.int64)
-    first = pref[:, 0]
+    pref: dict[int, np.ndarray] = {}  # full preference order, only for points that get rejected
     first_d = dn[np.arange(n), first]
     # first round vectorised: each cluster keeps its cap nearest first-choice proposals
     order = np.lexsort((np.arange(n), first_d, first))
@@ -90,7 +90,9 @@ def balanced_assign(d: torch.Tensor, cap: int) -> torch.Tensor:
     while free:
         p = free.pop()
         ptr[p] += 1
-        c = pref[p, ptr[p]]
+        if p not in pref:
+            pref[p] = np.argsort(dn[p], kind="stable")
+        c = pref[p][ptr[p]]
         item = (-float(dn[p, c]), -p)
         h = heaps[c]
         if len(h) < cap:
