@@ -93,3 +93,14 @@ def test_unknown_variant_names(tiny, tmp_path, capsys):
 def test_not_a_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
     assert "not a committed checkpoint" in _err(capsys)
+
+
+def test_fixed_seed_reproducible(tiny, tmp_path):
+    from comeir_dist.train.loop import train
+
+    logs = []
+    for name in ("a", "b"):
+        cfg = tiny_run_config(tiny, tmp_path / name, max_steps=6, eval_every=6, log_every=1)
+        train(cfg)
+        logs.append([json.loads(l).get("loss") for l in (tmp_path / name / "train_log.jsonl").read_text().splitlines()])
+    assert logs[0] == logs[1] and any(x is not None for x in logs[0])
