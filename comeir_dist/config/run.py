@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from comeir_dist.config.base import Section
+from comeir_dist.config.parallel import ParallelConfig
 from comeir_dist.engram.config import EngramConfig
 
 VARIANTS = ("comeir", "flatten", "tm")
@@ -91,6 +92,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @model_validator(mode="after")
     def _check(self):
