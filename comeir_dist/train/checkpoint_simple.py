@@ -30,13 +30,21 @@ def hash_state(model) -> dict:
     return {g: multipliers_state(ix.hashers) for g, ix in model.lookup.index.items()}
 
 
-def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_fingerprint: str) -> Path:
+def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_fingerprint: str,
+                    dense: dict | None = None, write: bool = True) -> Path:
+    """Write the checkpoint. ``dense``: the dense state to save (default ``dense_state(model)``; the
+    distributed loop passes the fp32 master weights). With several ranks EVERY rank must call this (the
+    full tables are assembled collectively) and only the rank with ``write=True`` writes; the result loads
+    in one process whatever the number of ranks that trained it."""
     from comeir_dist.parallel.engram_tables import full_tables_state
 
+    tables = full_tables_state(model.tables) if hasattr(model, "tables") else None
+    if not write:
+        return path
     with atomic_dir(path) as tmp:
-        torch.save(dense_state(model), tmp / "dense.pt")
-        if hasattr(model, "tables"):
-            torch.save(full_tables_state(model.tables), tmp / "tables.pt")
+        torch.save(dense if dense is not None else dense_state(model), tmp / "dense.pt")
+        if tables is not None:
+            torch.save(tables, tmp / "tables.pt")
         meta = {"config": cfg.model_dump(mode="json"), "step": step, "metrics": metrics,
                 "sid_fingerprint": sid_fingerprint, "variant": cfg.model.variant,
                 "hash_multipliers": hash_state(model)}

@@ -1,7 +1,25 @@
-"""`comeir train`: teacher-forced training (Eq. 12) with validation NDCG@10, early stopping, best checkpoint.
+"""`comeir train`: teacher-forced training (Eq. 12) on 1..N ranks, validation NDCG@10, early stopping,
+``best/`` checkpoint, resumable step checkpoints.
 
-Dense parameters: AdamW with linear warm-up and cosine decay, gradient clipping, optional bf16 autocast.
-Engram tables: fused exact row-wise Adagrad inside backward (TorchRec DMP), never the dense optimizer.
+One code path for every world size:
+
+* process group: the caller's (torchrun / Ray Train worker / test harness), an ``env://`` one under
+  torchrun, or a world-size-1 gloo group created here (``parallel.dist_env``);
+* Engram tables: TorchRec DMP, fused exact row-wise Adagrad applied inside backward (never a dense
+  optimizer); dense part: one DeepSpeed ZeRO engine (``parallel.dense``); one ``engine.backward(loss)``
+  and one ``engine.step()`` per step;
+* data: ``train.batch_size`` is the GLOBAL batch. Every rank draws the same seeded global permutation
+  (``EpochSampler``) and takes its contiguous slice of each global batch (``ceil(batch / world)`` samples
+  at most). Each rank's loss is ``mean_r * n_r * world / n`` (n_r = its samples, n = the global batch);
+  DeepSpeed averages dense gradients over ranks and TorchRec averages the table gradients (gradient
+  division in its backward exchange), so both equal the gradient of the global-batch mean: 1 rank and
+  N ranks train the same model up to float summation order. A rank without samples (global batch smaller than the
+  world) runs one sample with weight 0 -- the lookups are collectives;
+* validation: every rank evaluates a contiguous slice of the validation users in the same number of
+  batches (short slices padded with discarded dummy batches: table lookups are collectives); the
+  per-rank ``MetricSums`` are merged exactly;
+* checkpoints: ``best/`` (single-process loadable, rank 0 writes full tables) and, with
+  ``parallel.checkpoint_every``, ``checkpoints/step-N`` (``train.checkpoint``: resumable on any world size).
 """
 from __future__ import annotations
 
@@ -17,33 +35,17 @@ from tqdm import tqdm
 
 from comeir_dist.config.run import RunConfig
 from comeir_dist.eval.evaluate import evaluate_arrays
-from comeir_dist.model.loss import constrained_sid_loss
+from comeir_dist.eval.metrics import MetricSums
+from comeir_dist.parallel.dense import lr_factor  # noqa: F401  (re-exported: the schedule of every run)
+from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduce_sum, broadcast_object,
+                                            init_distributed)
+from comeir_dist.train import checkpoint as ckpt
 from comeir_dist.train.checkpoint_simple import save_checkpoint
-from comeir_dist.train.samples import EpochSampler, split_samples, to_batch, training_samples
-from comeir_dist.train.setup import (build_sharded_model, dense_parameters, load_inputs, resolve_device,
-                                     seed_everything)
+from comeir_dist.train.samples import EpochSampler, split_samples, training_samples
+from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs, seed_everything
 from comeir_dist.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def train_step(model, batch, optimizer, cfg: RunConfig, device) -> float:
-    target_codes = model.catalog.item_codes(batch.target)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-        logits = model.level_logits(batch, target_codes)
-    loss = constrained_sid_loss(logits, target_codes, model.trie)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # also applies the fused row-wise Adagrad to the looked-up table rows
-    torch.nn.utils.clip_grad_norm_(dense_parameters(model), cfg.train.grad_clip)
-    optimizer.step()
-    return float(loss.detach())
 
 
 def validation_subset(cfg: RunConfig):
@@ -55,77 +57,206 @@ def validation_subset(cfg: RunConfig):
     return hist, target
 
 
+def rank_slice(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """This rank's contiguous part of a global batch and its loss weight ``n_r * world / n`` (see module doc)."""
+    mine = np.array_split(idx, world)[rank]
+    if len(mine) == 0:
+        return idx[:1], 0.0
+    return mine, len(mine) * world / len(idx)
+
+
+def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: RunConfig, env: DistEnv) -> dict:
+    """Beam-search metrics over all validation users, sharded over ranks and merged exactly."""
+    parts = np.array_split(np.arange(len(target)), env.world_size)
+    mine = parts[env.rank]
+    bs = cfg.eval.batch_size
+    n_batches = max(math.ceil(len(p) / bs) for p in parts)  # the same on every rank
+    sums = MetricSums()
+    with model_ctx() as model:
+        for b in range(n_batches):
+            sel = mine[b * bs:(b + 1) * bs]
+            real = len(sel) > 0
+            if not real:
+                sel = np.arange(min(1, len(target)))  # dummy batch: same collective lookups, result discarded
+            res = evaluate_arrays(model, hist[sel], target[sel], beam_size=cfg.eval.beam_size, batch_size=len(sel),
+                                  ks=cfg.eval.ks, device=env.device)
+            if real:
+                sums = sums.merge(res["sums"])
+    merged = MetricSums.merge_all(MetricSums.from_state(s) for s in all_gather_object(sums.state_dict(), env))
+    return merged.means()
+
+
 def train(cfg: RunConfig) -> Path:
-    """Train one model; returns the run dir holding ``best/`` (checkpoint), ``train_log.jsonl`` and ``summary.json``."""
-    tc = cfg.train
+    """Train one model; returns the run dir holding ``best/`` (checkpoint), ``train_log.jsonl``, ``summary.json``
+    (and ``checkpoints/step-N`` with ``parallel.checkpoint_every``). Call it on every rank."""
+    env = init_distributed(cfg.device, cfg.parallel.backend)
+    try:
+        return _train(cfg, env)
+    finally:
+        env.shutdown()
+
+
+def _train(cfg: RunConfig, env: DistEnv) -> Path:
+    tc, pc = cfg.train, cfg.parallel
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    if pc.world_size != env.world_size:
+        log.warning("parallel.world_size=%d but the process group has %d ranks: using %d", pc.world_size,
+                    env.world_size, env.world_size)
+    device, world, rank = env.device, env.world_size, env.rank
+    out = Path(cfg.out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed)  # identical dense initialisation on every rank
     sids, emb = load_inputs(cfg)
-    model = build_sharded_model(cfg, sids, emb, device)
+    from comeir_dist.parallel.engram_tables import init_tables_deterministic, sparse_grad_scale
+
+    model = build_sharded_model(cfg, sids, emb, device, plan=pc.sharding, column_shards=pc.column_shards,
+                                grad_scale=sparse_grad_scale(world))
+    if hasattr(model, "tables"):
+        init_tables_deterministic(model.tables, cfg.seed, cfg.engram.init_scale)
+    seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout), independent of the sharding
     model.train()
     hist, target = training_samples(cfg.dataset, cfg.max_history)
     val_hist, val_target = validation_subset(cfg)
     params = dense_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps))
-    sampler = EpochSampler(len(target), tc.batch_size, cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    log_path.write_text("")
-    n_dense = sum(p.numel() for p in params)
-    log.info("%s: %d training samples, %d dense parameters, device %s", cfg.model.variant, len(target), n_dense, device)
+    # state-dict key -> canonical parameter name of the trainable parameters (shared modules, e.g. the Engram
+    # read operators used by encoder and head, appear under several keys); everything else never changes
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    sd_vars = model.state_dict(keep_vars=True)
+    aliases = {k: canonical[id(v)] for k, v in sd_vars.items()
+               if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+    frozen = {k: v.detach().cpu().clone() for k, v in sd_vars.items() if k not in aliases}
+    del sd_vars
+    per_rank = math.ceil(tc.batch_size / world)
 
-    best, best_step, bad, step = -1.0, 0, 0, 0
-    t0 = time.time()
+    from comeir_dist.parallel.dense import DenseEngine
+
+    dense = DenseEngine(model, cfg, device, world, per_rank, params)
+    sampler = EpochSampler(len(target), tc.batch_size, cfg.seed)
+    n_dense = sum(p.numel() for p in params)
+
+    def batch_tensors(idx: np.ndarray):
+        return torch.as_tensor(hist[idx], device=device), torch.as_tensor(target[idx], device=device)
+
+    def zero_step():  # lr = 0 and loss * 0: creates optimizer state without changing anything
+        items, tgt = batch_tensors(np.arange(min(per_rank, len(target))))
+        dense.backward_step(dense.loss(items, tgt) * 0.0)
+
+    # ---- resume ---------------------------------------------------------------------------------------
+    loop = {"best": -1.0, "best_step": 0, "bad": 0, "history": [], "elapsed_s": 0.0, "stop_reason": None}
+    step = 0
+    latest = None
+    if env.is_main:  # rank 0 decides, every rank follows (the ranks must agree)
+        latest = ckpt.latest_committed(out)
+        if pc.resume is False and latest is not None:
+            stale = ckpt.set_aside(out)
+            log.warning("parallel.resume: false -- moved the existing checkpoints to %s, starting from scratch", stale)
+            latest = None
+        if pc.resume and latest is None:
+            log.warning("parallel.resume: no committed checkpoint under %s; starting from scratch",
+                        out / "checkpoints")
+    latest = broadcast_object(None if latest is None else str(latest), env)
+    latest = None if latest is None else Path(latest)
+    if latest is not None:
+        state = ckpt.read_state(latest)
+        ckpt.check_compatible(latest, state, cfg, model, sids.fingerprint, len(target))
+        ckpt.load_run_checkpoint(latest, env=env, model=model, dense=dense, zero_step=zero_step)
+        step = int(state["step"])
+        sampler = EpochSampler(len(target), tc.batch_size, cfg.seed, epoch=state["sampler"]["epoch"],
+                               offset=state["sampler"]["offset"])
+        loop.update(state["loop"])
+        if env.is_main:
+            log.info("resumed from %s (step %d, saved by %d ranks, now %d)", latest, step, state["world_size"], world)
+
+    log_path = out / "train_log.jsonl"
+    if env.is_main:
+        lines = log_path.read_text().splitlines() if (latest is not None and log_path.is_file()) else []
+        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+        log_path.write_text("".join(l + "\n" for l in kept))
+        log.info("%s: %d training samples, %d dense parameters, %d rank(s), device %s, ZeRO %d", cfg.model.variant,
+                 len(target), n_dense, world, device, dense.stage)
+
+    def sampler_state() -> dict:
+        return {**sampler.state(), "n": len(target), "seed": cfg.seed}
+
+    def save_step_checkpoint():
+        loop["elapsed_s"] = elapsed()
+        ckpt.save_run_checkpoint(out, step, env=env, model=model, dense=dense, cfg=cfg, sampler_state=sampler_state(),
+                                 loop_state=loop, frozen=frozen, sid_fingerprint=sids.fingerprint,
+                                 keep=pc.keep_checkpoints)
+
+    def save_best(metrics: dict):
+        weights = dense.full_weights()  # fp32 master weights (collective)
+        state = {**frozen, **{k: weights[c] for k, c in aliases.items()}}
+        save_checkpoint(out / "best", model, cfg, step, metrics, sids.fingerprint, dense=state, write=env.is_main)
+
+    t0 = time.time() - float(loop["elapsed_s"])
+
+    def elapsed() -> float:
+        return time.time() - t0
+
     budget = tc.max_minutes * 60 if tc.max_minutes else float("inf")
     seen, loss_sum, loss_n, t_log = 0, 0.0, 0, time.time()
-    history = []
-    bar = tqdm(total=tc.max_steps, desc=f"train {cfg.model.variant}", unit="step", mininterval=2.0)
-    stop_reason = "max_steps"
-    while step < tc.max_steps:
+    bar = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.model.variant}", unit="step", mininterval=2.0,
+               disable=not env.is_main)
+    stop_reason = loop.get("stop_reason") or "max_steps"
+    last_saved = step if latest is not None else -1
+    while step < tc.max_steps and loop.get("stop_reason") is None:
         idx = sampler.next()
-        batch = to_batch(hist[idx], target[idx], device)
-        loss = train_step(model, batch, optimizer, cfg, device)
-        sched.step()
+        mine, weight = rank_slice(idx, rank, world)
+        items, tgt = batch_tensors(mine)
+        loss = dense.loss(items, tgt)
+        dense.backward_step(loss * weight)
         step += 1
+        local = float(loss.detach()) * (len(mine) if weight else 0)
+        loss_global = all_reduce_sum([local], env)[0] / len(idx)
         seen += len(idx)
-        loss_sum, loss_n = loss_sum + loss, loss_n + 1
+        loss_sum, loss_n = loss_sum + loss_global, loss_n + 1
         bar.update(1)
         if step % tc.log_every == 0:
             dt = time.time() - t_log
-            rec = {"step": step, "loss": loss_sum / loss_n, "samples_per_s": seen / max(dt, 1e-9),
-                   "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - t0}
-            with log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            rec = {"step": step, "loss": loss_sum / loss_n, "samples_per_s": seen / max(dt, 1e-9), "lr": dense.lr,
+                   "elapsed_s": elapsed()}
+            if env.is_main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
             seen, loss_sum, loss_n, t_log = 0, 0.0, 0, time.time()
-        out_of_time = time.time() - t0 > budget
+        out_of_time = elapsed() > budget
+        if tc.max_minutes and world > 1:  # every rank must take the same decision
+            out_of_time = all_reduce_sum([float(out_of_time)], env)[0] > 0
         if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
-            res = evaluate_arrays(model, val_hist, val_target, beam_size=cfg.eval.beam_size,
-                                  batch_size=cfg.eval.batch_size, ks=cfg.eval.ks, device=device)
-            m = res["sums"].means()
+            m = sharded_validation(dense.inference, val_hist, val_target, cfg, env)
             ndcg = m["item/ndcg@10"]
-            history.append({"step": step, "elapsed_s": time.time() - t0, **m})
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": step, "valid": m}) + "\n")
-            log.info("step %d valid item/ndcg@10 %.4f hit@10 %.4f (best %.4f)", step, ndcg, m["item/hit@10"], best)
-            if ndcg > best:
-                best, best_step, bad = ndcg, step, 0
-                save_checkpoint(out / "best", model, cfg, step, m, sids.fingerprint)
+            loop["history"].append({"step": step, "elapsed_s": elapsed(), **m})
+            if env.is_main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "valid": m}) + "\n")
+                log.info("step %d valid item/ndcg@10 %.4f hit@10 %.4f (best %.4f)", step, ndcg, m["item/hit@10"],
+                         loop["best"])
+            if ndcg > loop["best"]:
+                loop.update(best=ndcg, best_step=step, bad=0)
+                save_best(m)
             else:
-                bad += 1
-                if bad >= tc.patience:
-                    stop_reason = "early_stopping"
-                    break
-        if out_of_time:
-            stop_reason = "max_minutes"
-            break
+                loop["bad"] += 1
+                if loop["bad"] >= tc.patience:
+                    loop["stop_reason"] = "early_stopping"
+        if out_of_time and loop.get("stop_reason") is None:
+            loop["stop_reason"] = "max_minutes"
+        if pc.checkpoint_every and (step % pc.checkpoint_every == 0 or loop.get("stop_reason") is not None):
+            save_step_checkpoint()
+            last_saved = step
     bar.close()
-    summary = {"variant": cfg.model.variant, "steps": step, "best_step": best_step, "best_valid_ndcg@10": best,
-               "train_minutes": (time.time() - t0) / 60, "stop_reason": stop_reason, "dense_params": n_dense,
-               "validation": history}
-    write_json(out / "summary.json", summary)
+    stop_reason = loop.get("stop_reason") or stop_reason
+    if pc.checkpoint_every and last_saved != step:
+        save_step_checkpoint()
+    if env.is_main:
+        summary = {"variant": cfg.model.variant, "steps": step, "best_step": loop["best_step"],
+                   "best_valid_ndcg@10": loop["best"], "train_minutes": elapsed() / 60, "stop_reason": stop_reason,
+                   "dense_params": n_dense, "world_size": world, "zero_stage": dense.stage,
+                   "global_batch": tc.batch_size, "per_rank_batch": per_rank, "validation": loop["history"]}
+        write_json(out / "summary.json", summary)
+    env.barrier()
     return out

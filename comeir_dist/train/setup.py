@@ -36,14 +36,19 @@ def load_inputs(cfg: RunConfig):
     return sids, emb
 
 
-def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="auto"):
-    """Model on ``device`` with its Engram tables under DMP (fused row-wise Adagrad), same path for 1..N ranks."""
+def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="auto", column_shards=None,
+                        grad_scale: float = 1.0, pg=None):
+    """Model on ``device`` with its Engram tables under DMP (fused row-wise Adagrad), same path for 1..N ranks.
+
+    ``plan`` / ``column_shards`` / ``grad_scale``: see :func:`comeir_dist.parallel.engram_tables.shard_engram_tables`
+    (training passes ``cfg.parallel.sharding``, ``cfg.parallel.column_shards`` and ``sparse_grad_scale(world)``)."""
     from comeir_dist.model.factory import build_model
     from comeir_dist.parallel.engram_tables import shard_engram_tables
 
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     if hasattr(model, "tables"):
-        shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan)
+        shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
+                            grad_scale=grad_scale)
     model.to(device)
     model.trie = model.trie.to(device)
     return model

@@ -1,0 +1,95 @@
+"""Functions the distributed tests run on every rank (spawned by ``harness.run_ranks``; must be importable)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+K = 3  # steps per half run; full runs have 2K steps and a step checkpoint every K
+# per sharding: (global batch, validation users, eval batch) chosen so the 2-rank runs hit an uneven split
+# of a global batch (13 -> last batch of 7 = 4 + 3), a rank without samples (71 -> second batch of 1) and
+# uneven / padded validation slices (11 users in batches of 5 -> 2 and 1 batches per rank).
+SHAPES = {"table_wise": (13, 11, 5), "row_wise": (71, 16, 16), "column_wise": (32, 11, 5)}
+
+
+def run_config(ds: str, out: str, sharding: str, world: int, train: dict | None = None, **parallel):
+    from tests.fixtures import tiny_run_config
+
+    batch, users, eval_batch = SHAPES[sharding]
+    cfg = tiny_run_config(Path(ds), Path(out), max_steps=2 * K, eval_every=2 * K, log_every=1, eval_users=users,
+                          batch_size=batch, **(train or {}))
+    cfg.eval.batch_size = eval_batch
+    p = cfg.parallel
+    p.sharding, p.world_size, p.checkpoint_every, p.keep_checkpoints = sharding, world, K, 2
+    p.column_shards = 2 if sharding == "column_wise" else None
+    for k, v in parallel.items():
+        setattr(p, k, v)
+    return cfg
+
+
+def copy_until(src: Path, dst: Path, step: int, partial_step: int | None = None) -> None:
+    """Copy a run dir keeping only checkpoints <= step (the state of a run interrupted after ``step``);
+    optionally add a half-written checkpoint dir (no COMMITTED) at ``partial_step``."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").iterdir():
+        if int(d.name.split("-")[1]) > step:
+            shutil.rmtree(d)
+    if partial_step is not None:
+        part = dst / "checkpoints" / f"step-{partial_step}"
+        (part / "tables").mkdir(parents=True)
+        (part / "tables" / "junk.distcp").write_bytes(b"half written")
+
+
+def train_jobs(rank: int, world: int, jobs: list[dict], then=None) -> None:
+    """Run ``train`` for each job {ds, out, sharding, parallel: {...}, train: {...}, copy: {src, step, partial}};
+    then ``then = (function, args)`` if given (one process launch for several steps: imports dominate)."""
+    import torch.distributed as dist
+
+    from comeir_dist.train.loop import train
+
+    for job in jobs:
+        if "copy" in job:
+            if rank == 0:
+                c = job["copy"]
+                copy_until(Path(c["src"]), Path(job["out"]), c["step"], c.get("partial"))
+            dist.barrier()
+        train(run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
+                         **job.get("parallel", {})))
+    if then is not None:
+        then[0](rank, world, *then[1])
+
+
+def check_column_conversion(rank: int, world: int, ds: str, ckpt: str, out_json: str) -> None:
+    """Load a 2-column-shard checkpoint into 1 column shard per table; record saved vs loaded row-wise state."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from comeir_dist.parallel.engram_tables import group_dmps
+    from comeir_dist.parallel.sparse import _assemble
+    from comeir_dist.train.checkpoint import load_tables, read_state
+    from comeir_dist.train.setup import build_sharded_model, load_inputs
+
+    cfg = run_config(ds, str(Path(out_json).parent / "unused"), "column_wise", world, column_shards=None)
+    sids, emb = load_inputs(cfg)
+    model = build_sharded_model(cfg, sids, emb, torch.device("cpu"), plan="column_wise")
+    state = read_state(Path(ckpt))
+    notes = load_tables(model.tables, Path(ckpt) / "tables", state["table_layout"])
+    meta = dcp.FileSystemReader(str(Path(ckpt) / "tables")).read_metadata().state_dict_metadata
+    saved = {k: torch.zeros(tuple(v.size), dtype=v.properties.dtype) for k, v in meta.items()}
+    dcp.load(saved, checkpoint_id=str(Path(ckpt) / "tables"), no_dist=True)
+    worst_momentum, worst_weight, n = 0.0, 0.0, 0
+    for g, dmp in group_dmps(model.tables).items():
+        weights = _assemble(dmp.state_dict())
+        for k, w in weights.items():
+            worst_weight = max(worst_weight, float((w - saved[f"{g}/weight/{k}"]).abs().max()))
+        for pk, st in dmp.fused_optimizer.state_dict()["state"].items():
+            for sk, v in st.items():
+                got = _assemble({"m": v})["m"]
+                old = saved[f"{g}/optim/{pk}/{sk}"]
+                rows = got.shape[0]
+                expect = old.reshape(-1, rows).mean(0)  # 2 equal-width shards -> mean of the two statistics
+                worst_momentum = max(worst_momentum, float((got - expect).abs().max()))
+                n += 1
+    if rank == 0:
+        Path(out_json).write_text(json.dumps({"notes": notes, "momentum_err": worst_momentum,
+                                              "weight_err": worst_weight, "states": n}))
