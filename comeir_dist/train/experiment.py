@@ -22,7 +22,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def format_table(rows: list[dict]) -> str:
     """Markdown: one line per variant, mean ± std over seeds, plus training minutes and eval ms/user."""
     head = "| variant | seeds | " + " | ".join(COLUMNS) + " | train min | eval ms/user |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
