@@ -94,10 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     from comeir_dist.cli_model import add_model_commands
+    from comeir_dist.cli_bench import add_bench_commands
     from comeir_dist.cli_plan import add_plan_command
 
     add_model_commands(sub)
     add_plan_command(sub)
+    add_bench_commands(sub)
     return ap
 
 

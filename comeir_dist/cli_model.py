@@ -56,6 +56,10 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--beam-size", dest="beam_size", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--max-users", dest="max_users", type=int)
+    p.add_argument("--workers", type=int, default=None, help="shard users over N Ray actors (exact merge)")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=None)
+    p.add_argument("--ray-address", dest="ray_address", default=None)
+    p.add_argument("--ray-num-cpus", dest="ray_num_cpus", type=int, default=None)
 
     p = sub.add_parser("experiment", help="train + evaluate several variants x seeds; results table")
     _add_train_flags(p)
@@ -74,10 +78,20 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
 
     @command("evaluate")
     def _evaluate(args) -> int:
-        from comeir_dist.eval.run_eval import run_evaluate
+        if args.workers is not None and args.workers < 1:
+            raise UserError(f"--workers: {args.workers}; must be >= 1")
+        if args.workers:
+            from comeir_dist.eval.ray_eval import evaluate_with_ray
 
-        rep = run_evaluate(args.checkpoint, args.split, args.out, args.dataset, args.beam_size, args.batch_size,
-                           args.max_users)
+            rep = evaluate_with_ray(args.checkpoint, args.split, args.out, args.dataset, num_workers=args.workers,
+                                    beam_size=args.beam_size, batch_size=args.batch_size,
+                                    ray_address=args.ray_address, max_users=args.max_users,
+                                    cpus_per_worker=args.cpus_per_worker or 1.0, ray_num_cpus=args.ray_num_cpus)
+        else:
+            from comeir_dist.eval.run_eval import run_evaluate
+
+            rep = run_evaluate(args.checkpoint, args.split, args.out, args.dataset, args.beam_size, args.batch_size,
+                               args.max_users)
         print(json.dumps(rep["metrics"], indent=1))
         return 0
 

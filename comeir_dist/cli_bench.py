@@ -1,0 +1,102 @@
+"""Benchmark subcommands (`comeir bench latency`, `comeir bench lookup`) registered on the `comeir` parser."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from comeir_dist.errors import UserError
+
+DEFAULT_LATENCY_CONFIG = "configs/bench_latency_qwen3_0.6b.yaml"
+LATENCY_FLAGS = {"batch_size": "batch_size", "beam_size": "beam_size", "reps": "reps", "warmup": "warmup",
+                 "history": "history", "threads": "num_threads", "sparse": "sparse"}
+LOOKUP_FLAGS = {"tables": "tables", "rows": "rows", "dim": "dim", "batch": "batch", "ids_per_bag": "ids_per_bag",
+                "iters": "iters", "reps": "reps", "warmup": "warmup", "threads": "num_threads",
+                "copy_mib": "copy_mib"}
+
+
+def _config_data(path: str | None) -> dict:
+    from comeir_dist.config.base import load_yaml
+
+    return load_yaml(path) if path else {}
+
+
+def latency_config(args):
+    """LatencyBenchConfig from --config (default: the Qwen3-0.6B-shaped config if present, else the same
+    values built in) with flag overrides, validated once."""
+    from comeir_dist.cli import _overrides
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.bench.latency import LatencyBenchConfig
+
+    path = args.config
+    if path is None and Path(DEFAULT_LATENCY_CONFIG).is_file():
+        path = DEFAULT_LATENCY_CONFIG
+    data = _config_data(path)
+    data.update(_overrides(args, LATENCY_FLAGS))
+    if args.variants:
+        data["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return parse_section(LatencyBenchConfig, data, source=path or "flags")
+
+
+def lookup_config(args):
+    from comeir_dist.cli import _overrides
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.bench.lookup import LookupBenchConfig
+
+    data = _config_data(args.config)
+    data.update(_overrides(args, LOOKUP_FLAGS))
+    if args.paths:
+        data["paths"] = [p.strip() for p in args.paths.split(",") if p.strip()]
+    return parse_section(LookupBenchConfig, data, source=args.config or "flags")
+
+
+def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
+    from comeir_dist.cli import command
+
+    p = sub.add_parser("bench", help="benchmarks: generation latency (paper Table 3), Engram lookup throughput")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+
+    q = bsub.add_parser("latency", help="per-batch generation latency of flatten / TM / ComeIR on one shared backbone")
+    q.add_argument("--config", help=f"benchmark YAML (default: {DEFAULT_LATENCY_CONFIG}, a Qwen3-0.6B-shaped backbone)")
+    q.add_argument("--out", required=True, help="report JSON (a markdown table is written next to it as .md)")
+    q.add_argument("--batch-size", dest="batch_size", type=int)
+    q.add_argument("--beam-size", dest="beam_size", type=int)
+    q.add_argument("--reps", type=int, help="timed repetitions per variant")
+    q.add_argument("--warmup", type=int, help="untimed repetitions first")
+    q.add_argument("--history", type=int, help="history items per user")
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's; use 1 on a busy machine)")
+    q.add_argument("--variants", help="comma-separated subset of flatten,tm,comeir")
+    q.add_argument("--sparse", help="Engram tables: fused (DMP, as in evaluation) | unsharded")
+    q.add_argument("--profile", action="store_true", help="add a torch.profiler op table per variant to the report")
+
+    q = bsub.add_parser("lookup", help="Engram lookup throughput: fused DMP tables vs plain PyTorch, vs memory bandwidth")
+    q.add_argument("--config", help="benchmark YAML (keys of comeir_dist.bench.lookup.LookupBenchConfig)")
+    q.add_argument("--out", help="report JSON (a markdown table is written next to it as .md)")
+    q.add_argument("--tables", type=int)
+    q.add_argument("--rows", type=int)
+    q.add_argument("--dim", type=int)
+    q.add_argument("--batch", type=int, help="bags per table per iteration")
+    q.add_argument("--ids-per-bag", dest="ids_per_bag", type=int)
+    q.add_argument("--iters", type=int)
+    q.add_argument("--reps", type=int)
+    q.add_argument("--warmup", type=int)
+    q.add_argument("--threads", type=int)
+    q.add_argument("--copy-mib", dest="copy_mib", type=int, help="size of the bandwidth-roofline copy")
+    q.add_argument("--paths", help="comma-separated subset of fused_dmp,fused_tbe,nn_dense_sgd,nn_dense_adagrad,"
+                                   "nn_sparse_adagrad,nn_sparse_adam")
+
+    @command("bench")
+    def _bench(args) -> int:
+        if args.bench_cmd == "latency":
+            from comeir_dist.bench.latency import markdown_table, run_latency_bench
+
+            rep = run_latency_bench(latency_config(args), args.out, profile=args.profile)
+            print(markdown_table(rep))
+            return 0
+        if args.bench_cmd == "lookup":
+            from comeir_dist.bench.lookup import markdown_table, run_lookup_bench
+
+            rep = run_lookup_bench(lookup_config(args), args.out)
+            print(markdown_table(rep))
+            return 0
+        raise UserError(f"unknown bench command {args.bench_cmd!r}")  # pragma: no cover (argparse rejects it)
+
