@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from comeir_dist.config.base import Section
 
@@ -61,7 +61,3 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None = RAY_ADDRESS env or a local instance.")
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray instance (None = all).")
-
-    @model_validator(mode="after")
-    def _check(self):
-        return self
