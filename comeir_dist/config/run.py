@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from comeir_dist.config.base import Section
 from comeir_dist.config.parallel import ParallelConfig
+from comeir_dist.config.ray_job import RayTrainConfig
 from comeir_dist.engram.config import EngramConfig
 
 VARIANTS = ("comeir", "flatten", "tm")
@@ -69,6 +70,12 @@ class TrainConfig(Section):
     patience: int = Field(4, ge=1, description="Early stopping after this many validations without improvement.")
     log_every: int = Field(50, ge=1)
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+    save_best: bool = Field(True, description="Write best/ (dense + FULL tables assembled on rank 0) at each new best "
+                            "validation. Off for huge tables (scaling sweeps) where the full copy would not fit.")
+    final_test: bool = Field(False, description="After training, evaluate the test split with the in-memory final "
+                             "model (sharded like validation) into summary.json['test'].")
+    check_memory: bool = Field(True, description="Refuse to start when the memory plan (comeir plan) says a rank "
+                               "cannot hold its tables + dense share.")
 
 
 class EvalConfig(Section):
@@ -93,6 +100,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
 
     @model_validator(mode="after")
     def _check(self):

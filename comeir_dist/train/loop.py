@@ -28,12 +28,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from comeir_dist.config.run import RunConfig
+from comeir_dist.errors import UserError
 from comeir_dist.eval.evaluate import evaluate_arrays
 from comeir_dist.eval.metrics import MetricSums
 from comeir_dist.parallel.dense import lr_factor  # noqa: F401  (re-exported: the schedule of every run)
@@ -42,7 +44,8 @@ from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduc
 from comeir_dist.train import checkpoint as ckpt
 from comeir_dist.train.checkpoint_simple import save_checkpoint
 from comeir_dist.train.samples import EpochSampler, split_samples, training_samples
-from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs, seed_everything
+from comeir_dist.train.setup import (build_sharded_model, check_memory_plan, dense_parameters, load_inputs,
+                                    seed_everything)
 from comeir_dist.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -86,17 +89,22 @@ def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: Run
     return merged.means()
 
 
-def train(cfg: RunConfig) -> Path:
+def train(cfg: RunConfig, on_checkpoint: Optional[Callable[[int, Path, dict], None]] = None,
+          resume_from: Optional[Path] = None) -> Path:
     """Train one model; returns the run dir holding ``best/`` (checkpoint), ``train_log.jsonl``, ``summary.json``
-    (and ``checkpoints/step-N`` with ``parallel.checkpoint_every``). Call it on every rank."""
+    (and ``checkpoints/step-N`` with ``parallel.checkpoint_every``). Call it on every rank.
+
+    ``on_checkpoint(step, step_dir, metrics)`` runs on every rank after each committed step checkpoint (Ray
+    Train reports it). ``resume_from``: a committed step dir to resume from instead of the newest one under
+    ``cfg.out`` (a restarted Ray Train worker group resumes from the checkpoint Ray recorded)."""
     env = init_distributed(cfg.device, cfg.parallel.backend)
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, on_checkpoint, resume_from)
     finally:
         env.shutdown()
 
 
-def _train(cfg: RunConfig, env: DistEnv) -> Path:
+def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Optional[Path] = None) -> Path:
     tc, pc = cfg.train, cfg.parallel
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -110,6 +118,9 @@ def _train(cfg: RunConfig, env: DistEnv) -> Path:
 
     seed_everything(cfg.seed)  # identical dense initialisation on every rank
     sids, emb = load_inputs(cfg)
+    plan = check_memory_plan(cfg, world, device.type, num_items=len(emb), item_emb_dim=emb.shape[1])
+    if plan is not None and env.is_main:
+        log.info(plan.message())
     from comeir_dist.parallel.engram_tables import init_tables_deterministic, sparse_grad_scale
 
     model = build_sharded_model(cfg, sids, emb, device, plan=pc.sharding, column_shards=pc.column_shards,
@@ -148,8 +159,14 @@ def _train(cfg: RunConfig, env: DistEnv) -> Path:
     loop = {"best": -1.0, "best_step": 0, "bad": 0, "history": [], "elapsed_s": 0.0, "stop_reason": None}
     step = 0
     latest = None
+    if resume_from is not None and not (Path(resume_from) / ckpt.COMMIT).is_file():  # checked on every rank
+        raise UserError(f"resume checkpoint {resume_from} is not committed (no {ckpt.COMMIT} marker)")
     if env.is_main:  # rank 0 decides, every rank follows (the ranks must agree)
         latest = ckpt.latest_committed(out)
+        if resume_from is not None:
+            if latest is not None and latest != Path(resume_from):
+                log.warning("resuming from %s (the recorded checkpoint), not the newest on disk %s", resume_from, latest)
+            latest = Path(resume_from)
         if pc.resume is False and latest is not None:
             stale = ckpt.set_aside(out)
             log.warning("parallel.resume: false -- moved the existing checkpoints to %s, starting from scratch", stale)
@@ -183,9 +200,13 @@ def _train(cfg: RunConfig, env: DistEnv) -> Path:
 
     def save_step_checkpoint():
         loop["elapsed_s"] = elapsed()
-        ckpt.save_run_checkpoint(out, step, env=env, model=model, dense=dense, cfg=cfg, sampler_state=sampler_state(),
-                                 loop_state=loop, frozen=frozen, sid_fingerprint=sids.fingerprint,
-                                 keep=pc.keep_checkpoints)
+        d = ckpt.save_run_checkpoint(out, step, env=env, model=model, dense=dense, cfg=cfg,
+                                     sampler_state=sampler_state(), loop_state=loop, frozen=frozen,
+                                     sid_fingerprint=sids.fingerprint, keep=pc.keep_checkpoints)
+        if on_checkpoint is not None:
+            last = loop["history"][-1] if loop["history"] else {}
+            on_checkpoint(step, d, {"step": step, "best_valid_ndcg@10": loop["best"], "sid_fingerprint":
+                                    sids.fingerprint, **{k: v for k, v in last.items() if k.startswith("item/")}})
 
     def save_best(metrics: dict):
         weights = dense.full_weights()  # fp32 master weights (collective)
@@ -238,7 +259,8 @@ def _train(cfg: RunConfig, env: DistEnv) -> Path:
                          loop["best"])
             if ndcg > loop["best"]:
                 loop.update(best=ndcg, best_step=step, bad=0)
-                save_best(m)
+                if tc.save_best:
+                    save_best(m)
             else:
                 loop["bad"] += 1
                 if loop["bad"] >= tc.patience:
@@ -252,11 +274,19 @@ def _train(cfg: RunConfig, env: DistEnv) -> Path:
     stop_reason = loop.get("stop_reason") or stop_reason
     if pc.checkpoint_every and last_saved != step:
         save_step_checkpoint()
+    test = None
+    if tc.final_test:  # the final (not the best) weights, all test users, merged exactly over ranks
+        _, t_hist, t_target = split_samples(cfg.dataset, "test", cfg.max_history)
+        test = sharded_validation(dense.inference, t_hist, t_target, cfg, env)
+        if env.is_main:
+            log.info("final model, test split: %s", {k: round(v, 4) for k, v in test.items() if k.startswith("item/")})
     if env.is_main:
         summary = {"variant": cfg.model.variant, "steps": step, "best_step": loop["best_step"],
                    "best_valid_ndcg@10": loop["best"], "train_minutes": elapsed() / 60, "stop_reason": stop_reason,
                    "dense_params": n_dense, "world_size": world, "zero_stage": dense.stage,
                    "global_batch": tc.batch_size, "per_rank_batch": per_rank, "validation": loop["history"]}
+        if test is not None:
+            summary["test"] = {"step": step, **test}
         write_json(out / "summary.json", summary)
     env.barrier()
     return out

@@ -57,3 +57,16 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
 def dense_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Everything the dense optimizer may touch: never the Engram tables."""
     return [p for n, p in model.named_parameters() if not n.startswith("tables.") and p.requires_grad]
+
+
+def check_memory_plan(cfg: RunConfig, world: int, device: str, num_items: int = 0, item_emb_dim: int = 384):
+    """The ``comeir plan`` check for this run on ``world`` ranks: raises UserError (the plan's message)
+    before anything big is allocated when a rank cannot hold its table shards + dense ZeRO share."""
+    from comeir_dist.parallel.memory_plan import check_plan_fits, count_dense_params
+
+    if not cfg.train.check_memory:
+        return None
+    pcfg = cfg.parallel.model_copy(update={"world_size": world})
+    dense = count_dense_params(cfg, item_emb_dim=item_emb_dim, num_items=num_items)
+    engram = cfg.engram if cfg.model.variant == "comeir" else None
+    return check_plan_fits(engram, dense, pcfg, device=device, dense_dtype="bf16" if cfg.train.bf16 else "fp32")
