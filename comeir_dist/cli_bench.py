@@ -1,4 +1,5 @@
-"""Benchmark subcommands (`comeir bench latency`, `comeir bench lookup`) registered on the `comeir` parser."""
+"""Benchmark subcommands (`comeir bench latency`, `comeir bench lookup`, `comeir bench train`) registered on the
+`comeir` parser."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ LATENCY_FLAGS = {"batch_size": "batch_size", "beam_size": "beam_size", "reps": "
 LOOKUP_FLAGS = {"tables": "tables", "rows": "rows", "dim": "dim", "batch": "batch", "ids_per_bag": "ids_per_bag",
                 "iters": "iters", "reps": "reps", "warmup": "warmup", "threads": "num_threads",
                 "copy_mib": "copy_mib"}
+TRAIN_FLAGS = {"steps": "steps", "warmup": "warmup", "threads": "threads", "profile_steps": "profile_steps"}
 
 
 def _config_data(path: str | None) -> dict:
@@ -49,10 +51,27 @@ def lookup_config(args):
     return parse_section(LookupBenchConfig, data, source=args.config or "flags")
 
 
+def train_bench_config(args):
+    """(RunConfig, BenchTrainSettings) from --config with flag overrides of its ``bench:`` section."""
+    from comeir_dist.bench.train import load_bench_config
+    from comeir_dist.cli import _overrides
+
+    over = _overrides(args, TRAIN_FLAGS)
+    if args.workers is not None:
+        try:
+            over["workers"] = [int(w) for w in args.workers.split(",") if w.strip()]
+        except ValueError:
+            raise UserError(f"--workers: expected comma-separated integers such as 1,2, got {args.workers!r}") from None
+    if args.no_nn:
+        over["compare_nn"] = False
+    return load_bench_config(args.config, over)
+
+
 def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     from comeir_dist.cli import command
 
-    p = sub.add_parser("bench", help="benchmarks: generation latency (paper Table 3), Engram lookup throughput")
+    p = sub.add_parser("bench", help="benchmarks: generation latency (paper Table 3), Engram lookup throughput, "
+                                     "training throughput")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
 
     q = bsub.add_parser("latency", help="per-batch generation latency of flatten / TM / ComeIR on one shared backbone")
@@ -84,6 +103,18 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--paths", help="comma-separated subset of fused_dmp,fused_tbe,nn_dense_sgd,nn_dense_adagrad,"
                                    "nn_sparse_adagrad,nn_sparse_adam")
 
+    q = bsub.add_parser("train", help="training-step throughput on 1 and N workers, time shares, fused tables vs "
+                                      "nn.EmbeddingBag + dense Adagrad")
+    q.add_argument("--config", required=True, help="run config YAML with an optional 'bench:' section "
+                                                   "(e.g. configs/bench_train_cpu.yaml)")
+    q.add_argument("--out", default=None, help="report JSON (default runs/bench/train.json); markdown next to it")
+    q.add_argument("--workers", help="comma-separated world sizes (default 1,2)")
+    q.add_argument("--steps", type=int, help="timed steps per run")
+    q.add_argument("--warmup", type=int, help="untimed steps first")
+    q.add_argument("--threads", type=int, help="torch threads per worker (threads x workers <= cores)")
+    q.add_argument("--profile-steps", dest="profile_steps", type=int, help="profiled steps for the time shares")
+    q.add_argument("--no-nn", dest="no_nn", action="store_true", help="skip the nn.EmbeddingBag baseline")
+
     @command("bench")
     def _bench(args) -> int:
         if args.bench_cmd == "latency":
@@ -96,6 +127,13 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
             from comeir_dist.bench.lookup import markdown_table, run_lookup_bench
 
             rep = run_lookup_bench(lookup_config(args), args.out)
+            print(markdown_table(rep))
+            return 0
+        if args.bench_cmd == "train":
+            from comeir_dist.bench.train import DEFAULT_OUT, markdown_table, run_train_bench
+
+            cfg, settings = train_bench_config(args)
+            rep = run_train_bench(cfg, settings, args.out or DEFAULT_OUT, source=args.config)
             print(markdown_table(rep))
             return 0
         raise UserError(f"unknown bench command {args.bench_cmd!r}")  # pragma: no cover (argparse rejects it)

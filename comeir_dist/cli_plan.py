@@ -49,8 +49,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-dtype", dest="dense_dtype", help="bf16 | fp32 (default: bf16 if train.bf16 else fp32)")
     p.add_argument("--reserve", type=float, help="activation/runtime reserve per rank in GiB (default 2)")
     p.add_argument("--headroom", type=float, help="fraction of device memory the plan may use (default 0.9)")
-    p.add_argument("--balance", default="group", help="table-wise greedy load: group (as the sharder: per "
-                   "(memory, level) collection) | global")
+    p.add_argument("--balance", default="group", help="table-wise greedy load: group (as the sharder: one "
+                   "(memory, level) collection after another, load carried over) | global (all tables sorted together)")
     p.add_argument("--dense-params", dest="dense_params", type=int,
                    help="dense parameter count (skips building the model on the meta device)")
     p.add_argument("--item-emb-dim", dest="item_emb_dim", type=int, default=384,

@@ -117,10 +117,15 @@ def _add(lp: LookupPass, memory: str, level: int, order: int, keys: torch.Tensor
     return lp.add(memory, level, order, keys, valid), valid
 
 
-def read_addresses(lp: LookupPass, handles: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the per-order addresses ``[..., O, d_m]`` and validity ``[..., O]`` of (handle, valid) pairs."""
-    addr = torch.stack([lp[h] for h, _ in handles], dim=-2)
-    valid = torch.stack([v.expand(addr.shape[:-2]) for _, v in handles], dim=-1)
+def read_addresses(lp: LookupPass, handles: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the per-order addresses ``[..., O, d_m]`` (a view of the lookup output when possible) and
+    validity ``[..., O]`` of (handle, valid) pairs; a pair's valid None means all its keys are valid, and
+    the returned validity is None when that holds for every pair (the read then skips masking)."""
+    addr = lp.stacked([h for h, _ in handles])
+    if all(v is None for _, v in handles):
+        return addr, None
+    valid = torch.stack([torch.ones((), dtype=torch.bool, device=addr.device).expand(addr.shape[:-2])
+                         if v is None else v.expand(addr.shape[:-2]) for _, v in handles], dim=-1)
     return addr, valid
 
 

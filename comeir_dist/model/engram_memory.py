@@ -9,6 +9,7 @@ it in DistributedModelParallel (fused row-wise Adagrad) without this file knowin
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -77,13 +78,22 @@ class EngramLookup:
 
 
 class LookupPass:
-    """Collects ``add(memory, level, order, keys, valid)`` requests, then one ``run(tables)`` call."""
+    """Collects ``add(memory, level, order, keys, valid)`` requests, then one ``run(tables)`` call.
+
+    Results are read per handle (``lp[h]``, ``[*keys.shape[:-1], d_m]``) or, for the orders of one read,
+    stacked (``lp.stacked([h_1, .., h_O])``, ``[..., O, d_m]``). Both are views of the group's pooled
+    output when the requested heads are adjacent columns of it covering the same bags (the usual layout:
+    one feature per (order, head) in ascending order, every order requested once per pass), else copies.
+    Decoding reads O orders x K heads x d_m/K columns per candidate; the views spare concatenating and
+    stacking them ([M, O, d_m] copies, several per level) after the table call.
+    """
 
     def __init__(self, lookup: EngramLookup):
         self.lookup = lookup
         self.batches: dict[str, EngramKeyBatch] = {}
-        self.handles: list[tuple[str, int]] = []
-        self.results: list[torch.Tensor] | None = None
+        self.handles: list[tuple[str, int]] = []  # handle -> (group, request index in the group's batch)
+        self._out: dict[str, tuple] | None = None  # group -> (KeyedTensor, pooled values, {feature: column})
+        self._unpacked: dict[str, list[torch.Tensor]] = {}  # group -> per-request copies (fallback)
 
     def add(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor) -> int:
         g = group_name(memory, level)
@@ -93,12 +103,63 @@ class LookupPass:
         return len(self.handles) - 1
 
     def run(self, tables: nn.Module) -> None:
+        self._out, self._unpacked = {}, {}
         if not self.batches:
-            self.results = []
             return
         out = tables({g: b.kjt() for g, b in self.batches.items()})
-        per_group = {g: b.unpack(out[g]) for g, b in self.batches.items()}
-        self.results = [per_group[g][h] for g, h in self.handles]
+        for g in self.batches:
+            kt = out[g]  # reading the KeyedTensor resolves DMP's lazy output exchange here, inside run()
+            values = kt.values()
+            cols = dict(zip(kt.keys(), kt.offset_per_key())) if kt.key_dim() == 1 and values.dim() == 2 else None
+            self._out[g] = (kt, values, cols)
 
     def __getitem__(self, handle: int) -> torch.Tensor:
-        return self.results[handle]
+        view = self._view([handle])
+        if view is not None:
+            return view
+        g, r = self.handles[handle]
+        return self._unpack(g)[r]
+
+    def stacked(self, handles: list[int]) -> torch.Tensor:
+        """Addresses of ``handles`` (same group and key shape, equal widths) stacked: ``[..., O, d_m]``."""
+        view = self._view(handles, stack=True)
+        if view is not None:
+            return view
+        return torch.stack([self[h] for h in handles], dim=-2)
+
+    def _unpack(self, g: str) -> list[torch.Tensor]:
+        if g not in self._unpacked:
+            self._unpacked[g] = self.batches[g].unpack(self._out[g][0])
+        return self._unpacked[g]
+
+    def _view(self, handles: list[int], stack: bool = False) -> torch.Tensor | None:
+        """The handles' heads as one slice of the group's pooled output ``[bags, sum of dims]``, or None
+        when they are not adjacent columns of the same bag rows."""
+        if self._out is None:
+            raise RuntimeError("LookupPass.run() has not been called")
+        groups = {self.handles[h][0] for h in handles}
+        if len(groups) != 1:
+            return None
+        g = groups.pop()
+        kt, values, cols = self._out[g]
+        if cols is None:
+            return None
+        # request bookkeeping (feature names and bag offsets per head) lives in the group's EngramKeyBatch
+        reqs = [self.batches[g]._requests[self.handles[h][1]] for h in handles]
+        shape, start = reqs[0].shape, reqs[0].starts[0]
+        if any(r.shape != shape or any(s != start for s in r.starts) for r in reqs):
+            return None
+        names = [n for r in reqs for n in r.names]
+        if any(n not in cols for n in names):
+            return None
+        dims = self.lookup.index[g].by_name
+        c0 = col = cols[names[0]]
+        for n in names:
+            if cols[n] != col:
+                return None
+            col += dims[n].dim
+        width = (col - c0) // len(reqs)
+        if stack and any(sum(dims[n].dim for n in r.names) != width for r in reqs):
+            return None
+        out = values[start:start + math.prod(shape), c0:col]
+        return out.reshape(*shape, len(reqs), width) if stack else out.reshape(*shape, col - c0)

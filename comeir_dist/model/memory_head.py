@@ -9,6 +9,8 @@ For level l, every catalog-valid candidate code x of every beam prefix c^{<l} is
 Only valid (beam, x) pairs are computed: the prefix tree leaves a handful of children per prefix at
 deep levels, so memory reads cost O(valid pairs), not O(beams x C). Invalid logits are -inf; the
 normalisation over valid codes (Eq. 11) happens in the loss / beam search.
+At inference the reads run in blocks of pairs and may fold W_S / W_T through their LayerNorm
+(``EngramRead._fold``); training takes the plain path.
 """
 from __future__ import annotations
 
@@ -56,21 +58,22 @@ class MemoryHead(nn.Module):
         """Register Engram keys of the valid candidates of ``prefixes [B, K, level-1]`` (level is 1-based)."""
         bsz, nbeam, ncode = cand_valid.shape
         b, k, x = cand_valid.nonzero(as_tuple=True)
-        pre = prefixes[b, k]  # [M, level-1]
+        pre = prefixes.reshape(bsz * nbeam, level - 1).index_select(0, b * nbeam + k)  # [M, level-1]
         intra, inter = [], []
         if self.use_intra and level > 1:
+            sid = intra_candidate_keys(pre, x.unsqueeze(1), level)[:, 0]  # (c^{<l}, x)  [M, level]
+            ones = torch.ones((), dtype=torch.bool, device=sid.device).expand(sid.shape[0])
             for o in lp.lookup.orders("intra", level):
-                keys = intra_candidate_keys(pre, x.unsqueeze(1), o)[:, 0]
-                valid = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-                intra.append((lp.add("intra", level, o, keys, valid), valid))
+                # the order-o key (Eq. 23) is the last o codes of (c^{<l}, x); always valid (None: no masking)
+                intra.append((lp.add("intra", level, o, sid[:, level - o:], ones), None))
         if self.use_inter:
             units = candidate_prefix_units(pre, x.unsqueeze(1), self.codebook_size, self.d_max)  # [M, 1]
             hist = hist_units[level - 1]
             for o in lp.lookup.orders("inter", level):
                 # the history context of an order-o key is per user: build it once, then gather per pair
                 ctx, ok = inter_candidate_keys(hist, mask, torch.zeros_like(hist[:, :1]), o)
-                keys = torch.cat([ctx[b, 0, : o - 1], units], dim=-1)
-                valid = ok[b, 0]
+                keys = torch.cat([ctx[:, 0, : o - 1].index_select(0, b), units], dim=-1)
+                valid = ok[:, 0].index_select(0, b)
                 inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid), valid))
         return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter)
 
@@ -87,17 +90,46 @@ class MemoryHead(nn.Module):
         """Raw scores ``[B, K, C]`` (-inf for invalid codes); ``code_emb [C, d]`` = e_x of this level."""
         l = req.level
         i = l - 1
-        # per-user terms are computed once and gathered per (beam, candidate) pair
-        base = self.w_h[i](zeta)[req.b] + self.w_c[i](code_emb)[req.x]
+        # per-user / per-code terms are computed once and gathered per (beam, candidate) pair
+        base = _pair_sum(self.w_h[i](zeta), self.w_c[i](code_emb), req.b, req.x)  # W_H zeta + W_C e_x  [M, d]
+        # mu(x) = W_S eta^S + W_T eta^T (Eq. 27), added in place (one [M, d] tensor fewer per read)
         if req.intra:
             addr, valid = read_addresses(lp, req.intra)
-            base = base + self.w_s[i](self.reads[f"intra{l}"](zeta, addr, valid, q_index=req.b))
+            base = _add(base, _projected_read(self.reads[f"intra{l}"], self.w_s[i], zeta, addr, valid, req.b))
         if req.inter:
             q = self.decode_query(l, zeta, s0, mask)
             addr, valid = read_addresses(lp, req.inter)
-            base = base + self.w_t[i](self.reads[f"inter{l}"](q, addr, valid, q_index=req.b))
+            base = _add(base, _projected_read(self.reads[f"inter{l}"], self.w_t[i], q, addr, valid, req.b))
         hidden = self.ln[i](base)
         psi = self.w_out[i](hidden).squeeze(-1)
         out = torch.full(req.shape, float("-inf"), dtype=psi.dtype, device=psi.device)
         out[req.b, req.k, req.x] = psi
         return out
+
+
+def _pair_sum(h: torch.Tensor, c: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``h[b] + c[x]`` for ``h [B, d]``, ``c [C, d]`` and M pairs ``(b, x)``.
+
+    When the pairs are many (shallow levels: up to B*K*C), one row gather from the table of all B*C sums
+    is cheaper than two [M, d] gathers and an add; the sums are the same floating-point additions."""
+    if 2 * b.numel() >= h.shape[0] * c.shape[0]:
+        return (h.unsqueeze(1) + c).flatten(0, 1).index_select(0, b * c.shape[0] + x)
+    return h.index_select(0, b) + c.index_select(0, x)
+
+
+def _projected_read(read: nn.Module, proj: nn.Linear, q: torch.Tensor, addr: torch.Tensor, valid, q_index):
+    """``proj(R(q, p))`` per pair (W_S eta^S or W_T eta^T, Eq. 23-24, 27).
+
+    At inference the projection weight is handed to the read, which folds it through its LayerNorm when
+    that is cheaper (wide backbones). Reading ``proj.weight`` directly is safe there: inference runs with
+    full weights (ZeRO-3 validation gathers them, ``DenseEngine.inference``); with autograd the module
+    is called, so ZeRO-3 gathers its weight for the call."""
+    if torch.is_grad_enabled():
+        return proj(read(q, addr, valid, q_index=q_index))
+    return read(q, addr, valid, q_index=q_index, proj=proj.weight)
+
+
+def _add(base: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``base + term``, in place unless that would change the result dtype (autograd allows it: no
+    producer of ``base`` saves its output)."""
+    return base.add_(term) if torch.promote_types(base.dtype, term.dtype) == base.dtype else base + term

@@ -30,8 +30,10 @@ Placement mirrors :func:`comeir_dist.parallel.sparse.build_plan`:
 
 * ``table_wise``: tables sorted by weight bytes (largest first, stable) each go to the least-loaded rank
   (ties -> lowest rank); a row-/column-wise table adds ``bytes // W`` to every rank's load. The sharder
-  plans each (memory, level) group collection separately with a fresh load vector (``balance="group"``,
-  the default, reproduces that; ``balance="global"`` carries the load across groups).
+  shards the (memory, level) group collections one after another and carries the per-rank load from one
+  group to the next (``balance="group"``, the default, reproduces that; with ``sharding: auto`` the TorchRec
+  planner sees one group at a time, so the load restarts per group). ``balance="global"`` sorts all tables
+  together (a lower bound the per-group sharder may miss by up to one table per group).
 * ``row_wise``: TorchRec blocks of ``ceil(rows / W)`` rows (the last non-empty rank takes the rest).
 * ``column_wise``: ``parallel.column_shards`` (default W) shards of ``dim / shards`` columns placed
   round-robin over the ranks, as :mod:`comeir_dist.parallel.engram_tables` does (``dim % shards == 0``
@@ -367,8 +369,9 @@ def _plan(specs: Sequence[TableSpec], dense: DenseCount, st: _Settings) -> Memor
         groups.setdefault(_group(s) if st.balance == "group" else "all", []).append(s)
     load = [0] * W
     for _, members in groups.items():
-        if st.balance == "group":
-            load = [0] * W  # build_plan starts every group collection from an empty load
+        if st.balance == "group" and st.sharding == "auto":
+            load = [0] * W  # the TorchRec planner plans every group collection on its own
+        # explicit plans: groups are sharded one after another, carrying the per-rank load (build_plan's `load`)
         for s in sorted(members, key=lambda s: -(s.rows * s.dim * elt)):
             kind, size = types[s.name], s.rows * s.dim * elt
             ncs = st.column_shards or W

@@ -95,8 +95,13 @@ def _normalise_plan(ebc: EmbeddingBagCollection, plan: PlanSpec) -> dict[str, st
 
 
 def build_plan(ebc: EmbeddingBagCollection, plan: PlanSpec, sharder: EmbeddingBagCollectionSharder,
-               pg: dist.ProcessGroup, device: torch.device) -> ShardingPlan:
-    """ShardingPlan for the collection (module path "")."""
+               pg: dist.ProcessGroup, device: torch.device, load: list[int] | None = None) -> ShardingPlan:
+    """ShardingPlan for the collection (module path "").
+
+    Explicit plans place table-wise tables greedily (largest first, on the least-loaded rank). ``load``: the
+    bytes already placed per rank by earlier collections; it is updated in place, so several collections
+    (one per Engram group) sharded one after another balance across groups instead of each starting at
+    rank 0. The TorchRec planner (``"auto"``) plans each collection on its own."""
     world = dist.get_world_size(pg)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     per_table = _normalise_plan(ebc, plan)
@@ -112,7 +117,10 @@ def build_plan(ebc: EmbeddingBagCollection, plan: PlanSpec, sharder: EmbeddingBa
                                            storage_reservation=FixedPercentageStorageReservation(0.15))
         return planner.collective_plan(ebc, [sharder], pg)
     sizes = _table_sizes(ebc)
-    load = [0] * world
+    if load is None:
+        load = [0] * world
+    elif not load:  # a fresh shared load vector
+        load.extend([0] * world)
     gens = {}
     for name in sorted(per_table, key=lambda n: -sizes[n]):
         kind = per_table[name]
@@ -135,7 +143,8 @@ def build_plan(ebc: EmbeddingBagCollection, plan: PlanSpec, sharder: EmbeddingBa
 
 def shard_engram_collection(ebc: EmbeddingBagCollection, pg: dist.ProcessGroup | None = None,
                             device: str | torch.device = "cpu", plan: PlanSpec = "auto",
-                            lr: float = 0.05, eps: float = 1e-8) -> DistributedModelParallel:
+                            lr: float = 0.05, eps: float = 1e-8,
+                            load: list[int] | None = None) -> DistributedModelParallel:
     """Wrap the (preferably meta-device) collection in DMP: fused kernel + exact row-wise Adagrad in backward.
 
     ``pg=None`` uses the default group, creating a world-size-1 gloo group if there is none.
@@ -145,7 +154,7 @@ def shard_engram_collection(ebc: EmbeddingBagCollection, pg: dist.ProcessGroup |
     if pg is None:
         pg = init_single_process_group("nccl" if device.type == "cuda" else "gloo")
     sharder = make_sharder(lr, eps)
-    splan = build_plan(ebc, plan, sharder, pg, device)
+    splan = build_plan(ebc, plan, sharder, pg, device, load)
     return DistributedModelParallel(module=ebc, env=ShardingEnv.from_process_group(pg), device=device,
                                     plan=splan, sharders=[sharder], init_data_parallel=False)
 

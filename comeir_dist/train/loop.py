@@ -121,12 +121,10 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     plan = check_memory_plan(cfg, world, device.type, num_items=len(emb), item_emb_dim=emb.shape[1])
     if plan is not None and env.is_main:
         log.info(plan.message())
-    from comeir_dist.parallel.engram_tables import init_tables_deterministic, sparse_grad_scale
+    from comeir_dist.parallel.engram_tables import sparse_grad_scale
 
     model = build_sharded_model(cfg, sids, emb, device, plan=pc.sharding, column_shards=pc.column_shards,
-                                grad_scale=sparse_grad_scale(world))
-    if hasattr(model, "tables"):
-        init_tables_deterministic(model.tables, cfg.seed, cfg.engram.init_scale)
+                                grad_scale=sparse_grad_scale(world), init_seed=cfg.seed)
     seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout), independent of the sharding
     model.train()
     hist, target = training_samples(cfg.dataset, cfg.max_history)

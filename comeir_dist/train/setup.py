@@ -37,18 +37,19 @@ def load_inputs(cfg: RunConfig):
 
 
 def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="auto", column_shards=None,
-                        grad_scale: float = 1.0, pg=None):
+                        grad_scale: float = 1.0, pg=None, init_seed: int | None = None):
     """Model on ``device`` with its Engram tables under DMP (fused row-wise Adagrad), same path for 1..N ranks.
 
     ``plan`` / ``column_shards`` / ``grad_scale``: see :func:`comeir_dist.parallel.engram_tables.shard_engram_tables`
-    (training passes ``cfg.parallel.sharding``, ``cfg.parallel.column_shards`` and ``sparse_grad_scale(world)``)."""
+    (training passes ``cfg.parallel.sharding``, ``cfg.parallel.column_shards`` and ``sparse_grad_scale(world)``).
+    ``init_seed``: the tables' deterministic initialisation (the same on any number of ranks and sharding)."""
     from comeir_dist.model.factory import build_model
     from comeir_dist.parallel.engram_tables import shard_engram_tables
 
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     if hasattr(model, "tables"):
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
-                            grad_scale=grad_scale)
+                            grad_scale=grad_scale, init_seed=init_seed)
     model.to(device)
     model.trie = model.trie.to(device)
     return model

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_ranks
-from tests.distributed.workers import K, SHAPES, check_column_conversion, train_jobs
+from tests.distributed.workers import K, SHAPES, check_column_conversion, record_table_placement, train_jobs
 from tests.fixtures import make_tiny_dataset
 
 SHARDINGS = tuple(SHAPES)
@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
                "copy": {"src": str(r[tw][2]), "step": K, "partial": K + 1}},
               {"ds": ds, "out": str(root / "zero3_bf16"), "sharding": tw, "parallel": {"zero_stage": 3},
                "train": {"bf16": True}}]
-    run_ranks(2, train_jobs, jobs2)
+    run_ranks(2, train_jobs, jobs2, (record_table_placement, (ds, str(root / "placement.json"))))
     jobs3 = [{"ds": ds, "out": str(root / "resume_2to1"), "sharding": tw, "copy": {"src": str(r[tw][2]), "step": K}},
              {"ds": ds, "out": str(root / "zero3_bf16_to_zero1"), "sharding": tw, "parallel": {"zero_stage": 1},
               "train": {"bf16": True}, "copy": {"src": str(root / "zero3_bf16"), "step": K}}]
@@ -179,3 +179,20 @@ def test_zero3_bf16_resumes_under_zero1_on_one_rank(runs):
     summary = json.loads((root / "zero3_bf16" / "summary.json").read_text())
     assert summary["zero_stage"] == 3 and summary["world_size"] == 2
     assert json.loads((root / "zero3_bf16_to_zero1" / "summary.json").read_text())["zero_stage"] == 1
+
+
+def test_memory_plan_predicts_the_sharders_placement(runs):
+    """`comeir plan` (balance "group": collections one after another, load carried over) == the real DMP plans."""
+    from comeir_dist.config.run import RunConfig
+    from comeir_dist.parallel.memory_plan import plan_memory
+    from tests.distributed.workers import run_config
+
+    root, ds, _ = runs
+    placed = json.loads((root / "placement.json").read_text())
+    cfg: RunConfig = run_config(ds, str(root / "unused"), "table_wise", 2)
+    plan = plan_memory(cfg.engram, 0, cfg.parallel, device="cpu")
+    assert plan.assignment == placed
+    per_group = {}
+    for t in plan.tables:
+        per_group.setdefault(t.group, []).append(t.ranks[0])
+    assert len(per_group) > 1 and set(sum(per_group.values(), [])) == {0, 1}

@@ -93,3 +93,25 @@ def check_column_conversion(rank: int, world: int, ds: str, ckpt: str, out_json:
     if rank == 0:
         Path(out_json).write_text(json.dumps({"notes": notes, "momentum_err": worst_momentum,
                                               "weight_err": worst_weight, "states": n}))
+
+
+def record_table_placement(rank: int, world: int, ds: str, out_json: str) -> None:
+    """Shard the tiny model's tables table-wise on this world and write {table: ranks} (rank 0)."""
+    from comeir_dist.parallel.engram_tables import group_dmps
+    from comeir_dist.parallel.sparse import describe_plan
+    from comeir_dist.train.setup import build_sharded_model, load_inputs
+
+    cfg = run_config(ds, out_json + ".run", "table_wise", world)
+    sids, emb = load_inputs(cfg)
+    model = build_sharded_model(cfg, sids, emb, torch_device(), plan="table_wise")
+    placement = {}
+    for dmp in group_dmps(model.tables).values():
+        placement.update({name: d["ranks"] for name, d in describe_plan(dmp).items()})
+    if rank == 0:
+        Path(out_json).write_text(json.dumps(placement))
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")

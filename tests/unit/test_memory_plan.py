@@ -49,12 +49,14 @@ def test_greedy_ties_go_to_lowest_rank_and_row_wise_adds_even_load():
     assert plan.assignment == {"big": [0, 1, 2, 3], "x": [0], "y": [1], "z": [2]}
 
 
-def test_balance_group_resets_load_per_collection_like_the_sharder():
-    specs = [spec("i1", 100, memory="inter", level=1), spec("i2", 100, memory="inter", level=2)]
+def test_balance_group_carries_load_across_collections_like_the_sharder():
+    specs = [spec("i1", 100, memory="inter", level=1), spec("j1", 10, memory="inter", level=1),
+             spec("i2", 100, memory="inter", level=2), spec("j2", 30, memory="inter", level=2)]
     grouped = plan_memory(specs, 0, pc(world_size=2, sharding="table_wise"), device="cuda")
     glob = plan_memory(specs, 0, pc(world_size=2, sharding="table_wise"), device="cuda", balance="global")
-    assert grouped.assignment == {"i1": [0], "i2": [0]}
-    assert glob.assignment == {"i1": [0], "i2": [1]}
+    # group by group, largest first, least-loaded rank: i1 -> 0, j1 -> 1; then i2 -> 1 (10 < 100), j2 -> 0
+    assert grouped.assignment == {"i1": [0], "j1": [1], "i2": [1], "j2": [0]}
+    assert glob.assignment == {"i1": [0], "i2": [1], "j2": [0], "j1": [1]}
 
 
 def test_row_wise_blocks_follow_torchrec():
