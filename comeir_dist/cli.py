@@ -100,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_plan_command(sub)
     add_bench_commands(sub)
+    __import__("comeir_dist.cli_scaling", fromlist=["_"]).add_scaling_command(sub)
     return ap
 
 
