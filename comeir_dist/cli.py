@@ -96,11 +96,12 @@ def _build_parser() -> argparse.ArgumentParser:
     from comeir_dist.cli_model import add_model_commands
     from comeir_dist.cli_bench import add_bench_commands
     from comeir_dist.cli_plan import add_plan_command
+    from comeir_dist.cli_scaling import add_scaling_command
 
     add_model_commands(sub)
     add_plan_command(sub)
     add_bench_commands(sub)
-    __import__("comeir_dist.cli_scaling", fromlist=["_"]).add_scaling_command(sub)
+    add_scaling_command(sub)
     return ap
 
 
