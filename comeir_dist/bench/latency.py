@@ -247,12 +247,9 @@ def _report(cfg: LatencyBenchConfig, times: dict, live: dict, info: dict, build_
 
 
 def _write(out: str, report: dict) -> None:
-    from comeir_dist.utils.atomic import atomic_file, write_json
+    from comeir_dist.utils.atomic import write_json_and_markdown
 
-    out_path = Path(out)
-    write_json(out_path, report)
-    with atomic_file(out_path.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown_table(report))
+    write_json_and_markdown(out, report, markdown_table(report))
 
 
 def profile_variants(models: dict, cfg: LatencyBenchConfig, rng: np.random.Generator, top: int = 15) -> dict:

@@ -419,12 +419,9 @@ def run_train_bench(cfg: RunConfig, settings: BenchTrainSettings, out: Optional[
 
 
 def _write(out: str, report: dict) -> None:
-    from comeir_dist.utils.atomic import atomic_file, write_json
+    from comeir_dist.utils.atomic import write_json_and_markdown
 
-    path = Path(out)
-    write_json(path, report)
-    with atomic_file(path.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown_table(report))
+    write_json_and_markdown(out, report, markdown_table(report))
 
 
 # ---- markdown ---------------------------------------------------------------------------------------------------

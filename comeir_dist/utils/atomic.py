@@ -62,3 +62,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_json_and_markdown(path: str | os.PathLike, report: dict, markdown: str) -> None:
+    """A benchmark's report: ``path`` (JSON) and ``path`` with suffix ``.md`` (its table), each atomically."""
+    path = Path(path)
+    write_json(path, report)
+    with atomic_file(path.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown)
