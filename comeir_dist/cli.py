@@ -6,12 +6,10 @@ User errors print `comeir: error: ...` and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import Any, Callable
 
-from comeir_dist.errors import UserError
+from comeir_dist.entrypoint import run_entry
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -175,24 +173,12 @@ def _params(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = _build_parser().parse_args(argv)
-    # our loggers at INFO; third-party (torchrec/fbgemm log TBE details at INFO on the root logger) at WARNING
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        return _COMMANDS[args.cmd](args)
-    except UserError as exc:
-        print(f"comeir {args.cmd}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("comeir: interrupted", file=sys.stderr)
-        return 130
+    return run_entry(f"comeir {args.cmd}", lambda: _COMMANDS[args.cmd](args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m comeir_dist.cli`: the subcommand modules register into `comeir_dist.cli`, not `__main__`
+    from comeir_dist.cli import main as _registered_main
+
+    sys.exit(_registered_main())

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
+from comeir_dist.entrypoint import set_env_defaults
 from comeir_dist.errors import UserError
 
 TRAIN_FLAGS = {"dataset": "dataset", "max_steps": "train.max_steps", "max_minutes": "train.max_minutes",
@@ -87,9 +87,7 @@ def run_scaling(args: argparse.Namespace) -> int:
     from comeir_dist.scaling.runner import InlineExecutor, RayExecutor
     from comeir_dist.scaling.sweep import format_grid, prepare_grid, run_sweep
 
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-                 "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ.setdefault(k, v)
+    set_env_defaults()
     cfg, settings = load_scaling_configs(args)
     sweep, points = prepare_grid(cfg, settings, device_memory_gib=args.device_memory)
     if args.dry_run:

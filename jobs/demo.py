@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -17,13 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from comeir_dist.config.base import load_yaml, parse_section  # noqa: E402
 from comeir_dist.config.pipeline import PipelineConfig  # noqa: E402
 from comeir_dist.config.run import RunConfig  # noqa: E402
-from comeir_dist.errors import UserError  # noqa: E402
+from comeir_dist.entrypoint import configure_logging, run_entry  # noqa: E402
 
 
 def train_and_evaluate(run_cfg_json: str) -> dict:
     """Ray task body: train, then evaluate the best checkpoint on the test split."""
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
+    configure_logging()
     from comeir_dist.eval.run_eval import run_evaluate
     from comeir_dist.train.loop import train
 
@@ -47,31 +45,28 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/comeir_cpu.yaml")
     ap.add_argument("--max-minutes", type=float, default=None, help="override train.max_minutes")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
-    try:
-        pcfg = parse_section(PipelineConfig, load_yaml(args.pipeline), source=args.pipeline)
-        data = load_yaml(args.config)
-        if args.max_minutes:
-            data.setdefault("train", {})["max_minutes"] = args.max_minutes
-        rcfg = parse_section(RunConfig, data, source=args.config)
-        import ray
+    return run_entry("demo", lambda: _run(args))
 
-        from comeir_dist.orchestration.pipeline import run_pipeline
-        from comeir_dist.orchestration.ray_session import ray_session
 
-        with ray_session(pcfg.ray_address, pcfg.ray_num_cpus):
-            run_pipeline(pcfg, [rcfg.sid_method])
-            # Ray pins a task's torch threads to its CPU count: give training the whole local node
-            cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
-            if rcfg.train.num_threads is None:
-                rcfg.train.num_threads = cpus
-            task = ray.remote(num_cpus=cpus)(train_and_evaluate)
-            report = ray.get(task.remote(rcfg.model_dump_json()))
-    except UserError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    pcfg = parse_section(PipelineConfig, load_yaml(args.pipeline), source=args.pipeline)
+    data = load_yaml(args.config)
+    if args.max_minutes:
+        data.setdefault("train", {})["max_minutes"] = args.max_minutes
+    rcfg = parse_section(RunConfig, data, source=args.config)
+    import ray
+
+    from comeir_dist.orchestration.pipeline import run_pipeline
+    from comeir_dist.orchestration.ray_session import ray_session
+
+    with ray_session(pcfg.ray_address, pcfg.ray_num_cpus):
+        run_pipeline(pcfg, [rcfg.sid_method])
+        # Ray pins a task's torch threads to its CPU count: give training the whole local node
+        cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
+        if rcfg.train.num_threads is None:
+            rcfg.train.num_threads = cpus
+        task = ray.remote(num_cpus=cpus)(train_and_evaluate)
+        report = ray.get(task.remote(rcfg.model_dump_json()))
     print(f"\nComeIR on the bundled data, test split ({report['checkpoint']}):\n")
     print(format_metrics(report))
     print(json.dumps({"test_json": str(Path(rcfg.out) / "test.json")}))

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
-from comeir_dist.errors import UserError  # noqa: E402
+from comeir_dist.entrypoint import run_entry  # noqa: E402
 
 
 def main(argv=None) -> int:
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"),
-                 ("RAY_USAGE_STATS_ENABLED", "0")):
-        os.environ.setdefault(k, v)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="committed checkpoint dir (e.g. runs/train/comeir/best)")
     ap.add_argument("--split", default="test", help="valid | test")
@@ -41,18 +36,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-address", dest="ray_address", default=None, help="default: RAY_ADDRESS or a local instance")
     ap.add_argument("--ray-num-cpus", dest="ray_num_cpus", type=int, default=None, help="CPUs of a local Ray instance")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
-    try:
-        from comeir_dist.eval.ray_eval import evaluate_with_ray
+    return run_entry("evaluate", lambda: _run(args))
 
-        rep = evaluate_with_ray(args.checkpoint, args.split, args.out, args.dataset, num_workers=args.num_workers,
-                                beam_size=args.beam_size, batch_size=args.batch_size, ray_address=args.ray_address,
-                                max_users=args.max_users, cpus_per_worker=args.cpus_per_worker,
-                                ray_num_cpus=args.ray_num_cpus, gpus_per_worker=args.gpus_per_worker)
-    except UserError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    from comeir_dist.eval.ray_eval import evaluate_with_ray
+
+    rep = evaluate_with_ray(args.checkpoint, args.split, args.out, args.dataset, num_workers=args.num_workers,
+                            beam_size=args.beam_size, batch_size=args.batch_size, ray_address=args.ray_address,
+                            max_users=args.max_users, cpus_per_worker=args.cpus_per_worker,
+                            ray_num_cpus=args.ray_num_cpus, gpus_per_worker=args.gpus_per_worker)
     print(json.dumps(rep["metrics"], indent=1))
     return 0
 

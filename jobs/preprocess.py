@@ -5,7 +5,6 @@ Locally: python jobs/preprocess.py --config configs/preprocess.yaml [--methods r
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from comeir_dist.config.base import load_yaml, parse_section  # noqa: E402
 from comeir_dist.config.pipeline import PipelineConfig  # noqa: E402
+from comeir_dist.entrypoint import run_entry  # noqa: E402
 from comeir_dist.errors import UserError  # noqa: E402
 
 
@@ -21,20 +21,18 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/preprocess.yaml")
     ap.add_argument("--methods", default=None, help="comma-separated quantizers (default: quantize.method)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
-    try:
-        cfg = parse_section(PipelineConfig, load_yaml(args.config), source=args.config)
-        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        for m in methods or []:
-            if m not in ("rqkmeans", "rqvae"):
-                raise UserError(f"--methods: unknown method {m!r}; allowed values: rqkmeans, rqvae")
-        from comeir_dist.orchestration.pipeline import run_pipeline
+    return run_entry("preprocess", lambda: _run(args))
 
-        out = run_pipeline(cfg, methods)
-    except UserError as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = parse_section(PipelineConfig, load_yaml(args.config), source=args.config)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    for m in methods or []:
+        if m not in ("rqkmeans", "rqvae"):
+            raise UserError(f"--methods: unknown method {m!r}; allowed values: rqkmeans, rqvae")
+    from comeir_dist.orchestration.pipeline import run_pipeline
+
+    out = run_pipeline(cfg, methods)
     print(f"dataset ready: {out}")
     return 0
 

@@ -8,15 +8,13 @@ finished points are skipped on rerun.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
 from comeir_dist.cli_scaling import add_scaling_flags, run_scaling  # noqa: E402
-from comeir_dist.errors import UserError  # noqa: E402
+from comeir_dist.entrypoint import run_entry  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,17 +23,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.config is None and Path("configs/scaling_cpu.yaml").is_file():
         args.config = "configs/scaling_cpu.yaml"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
-    try:
-        return run_scaling(args)
-    except UserError as exc:
-        print(f"scaling_sweep: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("scaling_sweep: interrupted (finished points are kept; rerun to continue)", file=sys.stderr)
-        return 130
+    return run_entry("scaling_sweep", lambda: run_scaling(args),
+                     interrupted="interrupted (finished points are kept; rerun to continue)")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
-from comeir_dist.errors import UserError  # noqa: E402
+from comeir_dist.entrypoint import run_entry  # noqa: E402
 
 FLAGS = {"dataset": "dataset", "out": "out", "max_steps": "train.max_steps", "max_minutes": "train.max_minutes",
          "batch_size": "train.batch_size", "s_t": "engram.s_t", "s_s": "engram.s_s", "seed": "seed",
@@ -69,19 +67,16 @@ def load_config(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("RAY_USAGE_STATS_ENABLED", "0")):
-        os.environ.setdefault(k, v)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
-    try:
-        from comeir_dist.orchestration.ray_train import run_ray_train
+    return run_entry("train_industrial", lambda: _run(args))
 
+
+def _run(args: argparse.Namespace) -> int:
+    from comeir_dist.orchestration.ray_train import run_ray_train
+
+    try:
         res = run_ray_train(load_config(args))
-    except UserError as exc:
-        print(f"train_industrial: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # the run failed (Ray Train gave up after max_failures): one line, exit 1
         print(f"train_industrial: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     s = res["summary"] or {}

@@ -463,7 +463,7 @@ def markdown_table(report: dict) -> str:
         lines += ["", f"{name}: profiled step {prof['rank0']['profiled_step_s']:.3f} s on rank 0 (profiler overhead "
                       f"{100 * prof['profiler_overhead']:+.0f}% vs the timed median)"
                       + (f"; communication s/step by phase on rank 0: {where}" if where else "")
-                      + (f"; comm share per rank: " + ", ".join(_pct(x['comm']) for x in prof["shares_per_rank"])
+                      + ("; comm share per rank: " + ", ".join(_pct(x['comm']) for x in prof["shares_per_rank"])
                          if len(prof["shares_per_rank"]) > 1 else "") + "."]
     lines += ["", "Shares: profiled steps (self time per op); tables = Engram table forward + fused backward/update "
                   "(+ Adagrad step for nn.EmbeddingBag); keys = hashing/KJT build/unpack; comm = gloo collectives "

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from comeir_dist.entrypoint import set_env_defaults
 from comeir_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ class EvalWorker:
     """One Ray actor: holds a model loaded from the checkpoint; evaluates batches of users on request."""
 
     def __init__(self, checkpoint: str, dataset: Optional[str], num_threads: int):
-        for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu")):
-            os.environ.setdefault(k, v)
+        set_env_defaults()
         import torch
 
         torch.set_num_threads(max(1, int(num_threads)))

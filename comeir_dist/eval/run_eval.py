@@ -1,14 +1,12 @@
 """`comeir evaluate`: load a committed checkpoint, run constrained beam search on a split, write metrics."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from comeir_dist.config.base import parse_section
 from comeir_dist.config.run import RunConfig

@@ -11,7 +11,6 @@ over that level's codebook. Decoding reuses the KV cache; beams reorder it by th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from comeir_dist.model.backbone import backbone_width, run_backbone

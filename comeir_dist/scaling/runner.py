@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from comeir_dist.entrypoint import configure_logging, set_env_defaults
+
 log = logging.getLogger(__name__)
 
 Runner = Callable[[str], dict]
 Outcome = tuple["PointJob", Any]  # (job, result dict | BaseException)
-
-_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-                 "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass
@@ -60,10 +59,8 @@ def metrics_from_summary(summary: dict) -> tuple[dict, str]:
 
 def run_point(cfg_json: str) -> dict:
     """Train one grid point and evaluate it (this process); returns the point's measured record."""
-    for k, v in _ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comeir_dist").setLevel(logging.INFO)
+    set_env_defaults()
+    configure_logging()
     from comeir_dist.config.run import RunConfig
     from comeir_dist.train.loop import train
 

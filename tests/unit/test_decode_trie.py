@@ -69,7 +69,7 @@ def test_encode_decode_roundtrip_and_sid_csr():
 
 
 def test_large_codebook_does_not_allocate_dense_levels():
-    C, L = 100_000, 3  # C**2 = 1e10 rows would never fit; we only keep observed prefixes
+    C = 100_000  # 3 levels: C**2 = 1e10 rows would never fit; we only keep observed prefixes
     codes = torch.tensor([[5, 99_999, 7], [5, 99_999, 8], [42, 0, 1]])
     trie = PrefixTrie.from_codes(codes, C)
     assert [t.shape[0] for t in trie.child_table] == [1, 2, 2]

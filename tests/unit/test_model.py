@@ -1,5 +1,4 @@
 """Model behaviour on tiny configs: training/decoding consistency, KV cache, masking, overfitting."""
-import numpy as np
 import pytest
 import torch
 

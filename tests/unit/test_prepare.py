@@ -10,7 +10,6 @@ from comeir_dist.cli import main
 from comeir_dist.config.pipeline import PrepareConfig
 from comeir_dist.data.kcore import k_core
 from comeir_dist.data.prepare import run_prepare
-from comeir_dist.errors import UserError
 
 
 def write_json_dataset(d: Path, inter: dict, items: dict, name="Toy") -> Path:
