@@ -14,6 +14,7 @@ LOOKUP_FLAGS = {"tables": "tables", "rows": "rows", "dim": "dim", "batch": "batc
                 "iters": "iters", "reps": "reps", "warmup": "warmup", "threads": "num_threads",
                 "copy_mib": "copy_mib"}
 TRAIN_FLAGS = {"steps": "steps", "warmup": "warmup", "threads": "threads", "profile_steps": "profile_steps"}
+TRAIN_MODEL_FLAGS = {"s_t": "engram.s_t", "s_s": "engram.s_s"}  # overrides of the run config itself
 
 
 def _config_data(path: str | None) -> dict:
@@ -64,7 +65,7 @@ def train_bench_config(args):
             raise UserError(f"--workers: expected comma-separated integers such as 1,2, got {args.workers!r}") from None
     if args.no_nn:
         over["compare_nn"] = False
-    return load_bench_config(args.config, over)
+    return load_bench_config(args.config, over, _overrides(args, TRAIN_MODEL_FLAGS))
 
 
 def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
@@ -114,6 +115,8 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--threads", type=int, help="torch threads per worker (threads x workers <= cores)")
     q.add_argument("--profile-steps", dest="profile_steps", type=int, help="profiled steps for the time shares")
     q.add_argument("--no-nn", dest="no_nn", action="store_true", help="skip the nn.EmbeddingBag baseline")
+    q.add_argument("--s-t", dest="s_t", type=float, help="override engram.s_t of the benchmarked model")
+    q.add_argument("--s-s", dest="s_s", type=float, help="override engram.s_s of the benchmarked model")
 
     @command("bench")
     def _bench(args) -> int:

@@ -117,11 +117,16 @@ class BenchTrainFile(RunConfig):
     bench: BenchTrainSettings = Field(default_factory=BenchTrainSettings)
 
 
-def load_bench_config(path: str, overrides: Optional[dict] = None) -> tuple[RunConfig, BenchTrainSettings]:
-    """(run config, bench settings) from ``path`` with ``overrides`` of the bench section; one-line errors."""
+def load_bench_config(path: str, overrides: Optional[dict] = None,
+                      run_overrides: Optional[dict] = None) -> tuple[RunConfig, BenchTrainSettings]:
+    """(run config, bench settings) from ``path`` with ``overrides`` of the bench section and dotted
+    ``run_overrides`` of the run config (e.g. ``{"engram.s_t": 2.0}``); one-line errors."""
+    from comeir_dist.cli import _set_path
     from comeir_dist.config.base import load_yaml, parse_section
 
     data = load_yaml(path)
+    for key, value in (run_overrides or {}).items():
+        _set_path(data, key, value)
     bench = data.get("bench") or {}
     if not isinstance(bench, dict):
         raise UserError(f"{path}: key 'bench' must be a mapping")
@@ -190,6 +195,9 @@ def validate(cfg: RunConfig, settings: BenchTrainSettings) -> int:
 
     if cfg.model.variant != "comeir":
         raise UserError(f"model.variant={cfg.model.variant!r}: bench train measures the Engram tables, use 'comeir'")
+    if cfg.train.grad_accum_steps != 1:
+        raise UserError(f"train.grad_accum_steps={cfg.train.grad_accum_steps}: bench train times one micro-batch per "
+                        "step; set it to 1")
     if cfg.train.batch_size < max(settings.workers):
         raise UserError(f"train.batch_size={cfg.train.batch_size} < {max(settings.workers)} workers")
     resolve_backend(cfg.parallel.backend, resolve_device(cfg.device))

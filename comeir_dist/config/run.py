@@ -57,7 +57,11 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """Optimisation (AdamW for dense, fused row-wise Adagrad for the Engram tables)."""
 
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="GLOBAL samples per optimizer step (all ranks, all micro-batches).")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (DeepSpeed "
+                                  "gradient_accumulation_steps): batch_size is split into this many micro-batches; "
+                                  "dense gradients accumulate, the fused Engram tables update after every "
+                                  "micro-batch (their optimizer runs inside backward).")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -76,6 +80,13 @@ class TrainConfig(Section):
                              "model (sharded like validation) into summary.json['test'].")
     check_memory: bool = Field(True, description="Refuse to start when the memory plan (comeir plan) says a rank "
                                "cannot hold its tables + dense share.")
+
+    @model_validator(mode="after")
+    def _check_accumulation(self):
+        if self.batch_size < self.grad_accum_steps:
+            raise ValueError(f"train.batch_size={self.batch_size} is smaller than train.grad_accum_steps="
+                             f"{self.grad_accum_steps} (each micro-batch needs a sample)")
+        return self
 
 
 class EvalConfig(Section):

@@ -62,6 +62,7 @@ def prepare_deepspeed(device: torch.device):
 
 
 def deepspeed_config(cfg, per_rank_batch: int, world: int) -> dict:
+    """``per_rank_batch``: samples of one rank's micro-batch (``train.grad_accum_steps`` per optimizer step)."""
     """The DeepSpeed config dict: ``parallel.deepspeed_config`` (a JSON file; its ZeRO stage wins) or
     ``configs/deepspeed/zero<parallel.zero_stage>.json`` (bare ``{"stage": N}`` if that file is not there),
     with the batch, clipping and bf16 settings always taken from the run config."""
@@ -87,8 +88,9 @@ def deepspeed_config(cfg, per_rank_batch: int, world: int) -> dict:
     else:
         ds = {"zero_optimization": {"stage": p.zero_stage}}
     ds.setdefault("zero_optimization", {}).setdefault("stage", p.zero_stage)
-    ds.update({"train_micro_batch_size_per_gpu": per_rank_batch, "gradient_accumulation_steps": 1,
-               "train_batch_size": per_rank_batch * world, "gradient_clipping": cfg.train.grad_clip,
+    gas = cfg.train.grad_accum_steps
+    ds.update({"train_micro_batch_size_per_gpu": per_rank_batch, "gradient_accumulation_steps": gas,
+               "train_batch_size": per_rank_batch * gas * world, "gradient_clipping": cfg.train.grad_clip,
                "bf16": {"enabled": bool(cfg.train.bf16)}})
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -152,11 +154,19 @@ class DenseEngine:
     def loss(self, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.engine(items, target)
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        """One ``engine.backward`` (dense grads + fused table updates) and one ``engine.step``."""
+    @property
+    def accum_steps(self) -> int:
+        return int(self.config["gradient_accumulation_steps"])
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """One micro-batch: ``engine.backward`` (dense gradients accumulate, scaled by 1/accum_steps; the fused
+        table updates apply now) and ``engine.step`` (AdamW + LR schedule only at the accumulation boundary).
+        Returns whether the optimizer stepped."""
+        boundary = bool(self.engine.is_gradient_accumulation_boundary())
         self.engine.backward(loss)
         self.engine.step()
-        self.steps_done += 1
+        self.steps_done += int(boundary)
+        return boundary
 
     @property
     def lr(self) -> float:
@@ -215,7 +225,7 @@ class DenseEngine:
                         opt_step: int, zero_step: Callable[[], None]) -> None:
         """Restore fp32 master weights, model weights, AdamW moments and step count from a full state.
 
-        ``zero_step`` runs one forward/backward with a zero loss; together with lr=0 it makes DeepSpeed
+        ``zero_step`` runs one optimizer step (all its micro-batches) with a zero loss; with lr=0 it makes DeepSpeed
         create (and link) the optimizer state without changing any weight, table row or moment."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

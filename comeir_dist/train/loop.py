@@ -15,6 +15,11 @@ One code path for every world size:
   division in its backward exchange), so both equal the gradient of the global-batch mean: 1 rank and
   N ranks train the same model up to float summation order. A rank without samples (global batch smaller than the
   world) runs one sample with weight 0 -- the lookups are collectives;
+* gradient accumulation (``train.grad_accum_steps`` = k): each global batch is split into k micro-batches
+  (``micro_slices``), each rank's micro loss weighted ``n_r * world * k / n`` so that, after DeepSpeed's 1/k,
+  the accumulated dense gradient is again the gradient of the global-batch mean (also for uneven splits);
+  AdamW steps once per global batch. The fused tables update after every micro-batch (their optimizer runs
+  inside backward; accumulating them would need unfused kernels), with the same weights;
 * validation: every rank evaluates a contiguous slice of the validation users in the same number of
   batches (short slices padded with discarded dummy batches: table lookups are collectives); the
   per-rank ``MetricSums`` are merged exactly;
@@ -66,6 +71,17 @@ def rank_slice(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, floa
     if len(mine) == 0:
         return idx[:1], 0.0
     return mine, len(mine) * world / len(idx)
+
+
+def micro_slices(idx: np.ndarray, accum: int, rank: int, world: int) -> list[tuple[np.ndarray, float]]:
+    """This rank's part of each of the ``accum`` micro-batches of a global batch, with loss weights
+    ``n_r * world * accum / n`` (n = the global batch). An empty micro-batch (global batch smaller than
+    ``accum``) runs one sample with weight 0 so every rank still takes part in every collective."""
+    out = []
+    for micro in np.array_split(idx, accum):
+        mine, weight = rank_slice(micro if len(micro) else idx, rank, world)
+        out.append((mine, weight * len(micro) * accum / len(idx)))
+    return out
 
 
 def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: RunConfig, env: DistEnv) -> dict:
@@ -138,7 +154,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                if isinstance(v, torch.nn.Parameter) and v.requires_grad}
     frozen = {k: v.detach().cpu().clone() for k, v in sd_vars.items() if k not in aliases}
     del sd_vars
-    per_rank = math.ceil(tc.batch_size / world)
+    per_rank = math.ceil(tc.batch_size / tc.grad_accum_steps / world)  # one micro-batch
 
     from comeir_dist.parallel.dense import DenseEngine
 
@@ -151,7 +167,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
 
     def zero_step():  # lr = 0 and loss * 0: creates optimizer state without changing anything
         items, tgt = batch_tensors(np.arange(min(per_rank, len(target))))
-        dense.backward_step(dense.loss(items, tgt) * 0.0)
+        for _ in range(dense.accum_steps):  # one optimizer step = accum_steps micro-batches
+            dense.backward_step(dense.loss(items, tgt) * 0.0)
 
     # ---- resume ---------------------------------------------------------------------------------------
     loop = {"best": -1.0, "best_step": 0, "bad": 0, "history": [], "elapsed_s": 0.0, "stop_reason": None}
@@ -224,12 +241,13 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     last_saved = step if latest is not None else -1
     while step < tc.max_steps and loop.get("stop_reason") is None:
         idx = sampler.next()
-        mine, weight = rank_slice(idx, rank, world)
-        items, tgt = batch_tensors(mine)
-        loss = dense.loss(items, tgt)
-        dense.backward_step(loss * weight)
+        local = 0.0
+        for mine, weight in micro_slices(idx, tc.grad_accum_steps, rank, world):
+            items, tgt = batch_tensors(mine)
+            loss = dense.loss(items, tgt)
+            dense.backward_step(loss * weight)
+            local += float(loss.detach()) * (len(mine) if weight else 0)
         step += 1
-        local = float(loss.detach()) * (len(mine) if weight else 0)
         loss_global = all_reduce_sum([local], env)[0] / len(idx)
         seen += len(idx)
         loss_sum, loss_n = loss_sum + loss_global, loss_n + 1
@@ -282,7 +300,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         summary = {"variant": cfg.model.variant, "steps": step, "best_step": loop["best_step"],
                    "best_valid_ndcg@10": loop["best"], "train_minutes": elapsed() / 60, "stop_reason": stop_reason,
                    "dense_params": n_dense, "world_size": world, "zero_stage": dense.stage,
-                   "global_batch": tc.batch_size, "per_rank_batch": per_rank, "validation": loop["history"]}
+                   "global_batch": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps, "per_rank_batch": per_rank,
+                   "validation": loop["history"]}
         if test is not None:
             summary["test"] = {"step": step, **test}
         write_json(out / "summary.json", summary)

@@ -40,6 +40,9 @@ def test_deepspeed_json_configs(tmp_path, stage):
     cfg.parallel.deepspeed_config = None
     cfg.parallel.zero_stage = stage
     assert deepspeed_config(cfg, 8, 1)["zero_optimization"]["stage"] == stage
+    cfg.train.grad_accum_steps = 2  # micro-batch 8 per rank, 2 micro-batches, 2 ranks
+    ds = deepspeed_config(cfg, 8, 2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 32
 
 
 def test_deepspeed_config_rejects_an_optimizer_section(tmp_path):
@@ -86,3 +89,24 @@ def test_table_init_blocks_are_deterministic_and_bounded():
     c = table_block(42, "inter_l1_o1_h1", 3, 100, 8, 0.01)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.abs().max()) <= 0.01 and INIT_BLOCK_ROWS >= 1024
+
+
+@pytest.mark.parametrize("n,accum,world", [(13, 2, 2), (7, 3, 2), (2, 3, 2), (64, 4, 1), (5, 2, 3)])
+def test_micro_slices_weights_give_the_global_batch_mean(n, accum, world):
+    """After DeepSpeed's 1/accum and the all-reduce mean over ranks, the weighted micro losses sum to the mean
+    loss of the global batch, whatever the split; every rank gets accum micro-batches with >= 1 sample."""
+    from comeir_dist.train.loop import micro_slices
+
+    rng = np.random.default_rng(n * 31 + accum)
+    idx = rng.permutation(100)[:n]
+    per_sample = rng.normal(size=100)
+    total, covered = 0.0, []
+    for rank in range(world):
+        parts = micro_slices(idx, accum, rank, world)
+        assert len(parts) == accum and all(len(m) >= 1 for m, _ in parts)
+        for mine, weight in parts:
+            total += weight * per_sample[mine].mean() / accum / world
+            if weight:
+                covered += mine.tolist()
+    assert sorted(covered) == sorted(idx.tolist())
+    assert total == pytest.approx(per_sample[idx].mean(), rel=1e-12)

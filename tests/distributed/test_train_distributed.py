@@ -9,6 +9,10 @@ Three launches of spawned processes (imports dominate the cost) produce every ru
   launch 3 (1 rank):  resume_2to1 (ref2/table_wise cut at K); zero3_bf16_to_zero1 (zero3_bf16 cut at K, resumed
                       with ZeRO-1 on 1 rank); column-shard state conversion of ref2/column_wise
 
+Gradient accumulation (table_wise shape, global batch 13 -> micro-batches of 7 and 6, uneven over 2 ranks):
+  launch 1: acc_frozen_k1 / acc_frozen_k2 (tables frozen by sparse_lr 1e-12: dense accumulation must be exact),
+            acc_k2 (k=2, training tables); launch 2: acc_k2_w2 (k=2 on 2 ranks), acc_k2_resume (acc_k2_w2 cut at K)
+
 Tolerances: losses rtol 1e-4 across world sizes (float summation order differs; measured <= 1e-6),
 exact-to-1e-6 on the same world size; tables atol 1e-5; dense weights and moments atol 1e-4 (except
 parameters with numerically zero gradients, see ``_assert_close_dense``).
@@ -37,13 +41,21 @@ def runs(tmp_path_factory):
     ds = str(make_tiny_dataset(root / "data"))
     r = {s: {1: root / "ref1" / s, 2: root / "ref2" / s} for s in SHARDINGS}
     tw = "table_wise"
-    run_ranks(1, train_jobs, [{"ds": ds, "out": str(r[s][1]), "sharding": s} for s in SHARDINGS])
+    frozen = {"sparse_lr": 1e-12}
+    k2 = {"grad_accum_steps": 2}
+    acc = [{"ds": ds, "out": str(root / "acc_frozen_k1"), "sharding": tw, "engram": frozen},
+           {"ds": ds, "out": str(root / "acc_frozen_k2"), "sharding": tw, "engram": frozen, "train": k2},
+           {"ds": ds, "out": str(root / "acc_k2"), "sharding": tw, "train": k2}]
+    run_ranks(1, train_jobs, [{"ds": ds, "out": str(r[s][1]), "sharding": s} for s in SHARDINGS] + acc)
     jobs2 = [{"ds": ds, "out": str(r[s][2]), "sharding": s} for s in SHARDINGS]
     jobs2 += [{"ds": ds, "out": str(root / "resume_1to2"), "sharding": tw, "copy": {"src": str(r[tw][1]), "step": K}},
               {"ds": ds, "out": str(root / "resume_2to2"), "sharding": tw,
                "copy": {"src": str(r[tw][2]), "step": K, "partial": K + 1}},
               {"ds": ds, "out": str(root / "zero3_bf16"), "sharding": tw, "parallel": {"zero_stage": 3},
-               "train": {"bf16": True}}]
+               "train": {"bf16": True}},
+              {"ds": ds, "out": str(root / "acc_k2_w2"), "sharding": tw, "train": k2},
+              {"ds": ds, "out": str(root / "acc_k2_resume"), "sharding": tw, "train": k2,
+               "copy": {"src": str(root / "acc_k2_w2"), "step": K}}]
     run_ranks(2, train_jobs, jobs2, (record_table_placement, (ds, str(root / "placement.json"))))
     jobs3 = [{"ds": ds, "out": str(root / "resume_2to1"), "sharding": tw, "copy": {"src": str(r[tw][2]), "step": K}},
              {"ds": ds, "out": str(root / "zero3_bf16_to_zero1"), "sharding": tw, "parallel": {"zero_stage": 1},
@@ -196,3 +208,46 @@ def test_memory_plan_predicts_the_sharders_placement(runs):
     for t in plan.tables:
         per_group.setdefault(t.group, []).append(t.ranks[0])
     assert len(per_group) > 1 and set(sum(per_group.values(), [])) == {0, 1}
+
+
+def _optimizer_steps(run: Path) -> int:
+    from comeir_dist.train import checkpoint as ckpt
+
+    return int(ckpt.read_state(run / "checkpoints" / f"step-{2 * K}")["optimizer_step"])
+
+
+def test_gradient_accumulation_equals_the_full_batch_for_the_dense_part(runs):
+    """k=2 micro-batches (7 + 6 samples) with frozen tables: the same losses and dense weights/moments as one
+    batch of 13, and AdamW stepped once per global batch (2K steps, not 4K)."""
+    root, _, _ = runs
+    k1, k2 = root / "acc_frozen_k1", root / "acc_frozen_k2"
+    l1, l2 = _losses(k1), _losses(k2)
+    assert sorted(l2) == list(range(1, 2 * K + 1))
+    _assert_close_losses(l1, l2, l1, rtol=1e-5)
+    assert _optimizer_steps(k1) == _optimizer_steps(k2) == 2 * K
+    _, d1 = _full_checkpoint(k1 / "checkpoints" / f"step-{2 * K}")
+    _, d2 = _full_checkpoint(k2 / "checkpoints" / f"step-{2 * K}")
+    _assert_close_dense(d2, d1, LR, 2 * K)
+    assert json.loads((k2 / "summary.json").read_text())["grad_accum_steps"] == 2
+
+
+def test_gradient_accumulation_updates_tables_per_micro_batch(runs):
+    """With training tables, k=2 is not the k=1 run: the fused tables took a step after each micro-batch
+    (the documented semantics), while the dense optimizer still stepped once per global batch."""
+    root, _, r = runs
+    ref, acc = _losses(r["table_wise"][1]), _losses(root / "acc_k2")
+    # already at step 1: the second micro-batch sees the rows the first one updated
+    assert min(abs(ref[s] - acc[s]) for s in range(1, 2 * K + 1)) > 1e-4
+    assert _optimizer_steps(root / "acc_k2") == 2 * K
+
+
+def test_gradient_accumulation_on_two_ranks_and_resumed(runs):
+    root, _, _ = runs
+    one, two, res = (_losses(root / n) for n in ("acc_k2", "acc_k2_w2", "acc_k2_resume"))
+    _assert_close_losses(one, two, one)
+    t1, _ = _full_checkpoint(root / "acc_k2" / "checkpoints" / f"step-{2 * K}")
+    t2, _ = _full_checkpoint(root / "acc_k2_w2" / "checkpoints" / f"step-{2 * K}")
+    for k in t1:
+        torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert sorted(res) == list(range(1, 2 * K + 1))
+    _assert_close_losses(two, res, range(K + 1, 2 * K + 1), rtol=1e-6)

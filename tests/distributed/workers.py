@@ -41,7 +41,8 @@ def copy_until(src: Path, dst: Path, step: int, partial_step: int | None = None)
 
 
 def train_jobs(rank: int, world: int, jobs: list[dict], then=None) -> None:
-    """Run ``train`` for each job {ds, out, sharding, parallel: {...}, train: {...}, copy: {src, step, partial}};
+    """Run ``train`` for each job {ds, out, sharding, parallel: {...}, train: {...}, engram: {...},
+    copy: {src, step, partial}};
     then ``then = (function, args)`` if given (one process launch for several steps: imports dominate)."""
     import torch.distributed as dist
 
@@ -53,8 +54,11 @@ def train_jobs(rank: int, world: int, jobs: list[dict], then=None) -> None:
                 c = job["copy"]
                 copy_until(Path(c["src"]), Path(job["out"]), c["step"], c.get("partial"))
             dist.barrier()
-        train(run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
-                         **job.get("parallel", {})))
+        cfg = run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
+                         **job.get("parallel", {}))
+        for k, v in job.get("engram", {}).items():
+            setattr(cfg.engram, k, v)
+        train(cfg)
     if then is not None:
         then[0](rank, world, *then[1])
 

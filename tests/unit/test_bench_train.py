@@ -197,7 +197,18 @@ def test_config_errors(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({**data, "dataset": str(tmp_path / "missing")}))
     with pytest.raises(UserError):
         validate(*load_bench_config(str(bad)))
+    bad.write_text(yaml.safe_dump({**data, "train": {**data["train"], "grad_accum_steps": 2}}))
+    with pytest.raises(UserError, match="grad_accum_steps"):
+        validate(*load_bench_config(str(bad)))
     assert not (tmp_path / "o.json").exists()
+    args = _parser().parse_args(["bench", "train", "--config", str(cfg_path), "--s-t", "2", "--s-s", "0.25"])
+    from comeir_dist.cli_bench import train_bench_config
+
+    cfg, _ = train_bench_config(args)
+    assert (cfg.engram.s_t, cfg.engram.s_s) == (2.0, 0.25)
+    args = _parser().parse_args(["bench", "train", "--config", str(cfg_path), "--s-t", "-1"])
+    with pytest.raises(UserError, match="engram.s_t"):
+        train_bench_config(args)
 
 
 @pytest.mark.slow

@@ -21,7 +21,16 @@ def test_industrial_configs_parse(name):
     if name == "industrial.yaml":  # the paper's setting
         assert (cfg.engram.s_s, cfg.engram.s_t, cfg.train.lr, cfg.train.weight_decay) == (1.0, 2.0, 1e-5, 1e-4)
         assert cfg.train.bf16 and cfg.model.backbone.path and cfg.ray.gpus_per_worker == 1
-        assert cfg.train.batch_size == 64 * cfg.parallel.world_size
+        # 64 per device per micro-batch, 2 micro-batches per optimizer step
+        assert cfg.train.grad_accum_steps == 2
+        assert cfg.train.batch_size == 64 * cfg.train.grad_accum_steps * cfg.parallel.world_size
+
+
+def test_grad_accumulation_needs_a_sample_per_micro_batch():
+    data = load_yaml(REPO / "configs" / "industrial_cpu.yaml")
+    data["train"].update(batch_size=3, grad_accum_steps=4)
+    with pytest.raises(UserError, match="grad_accum_steps=4"):
+        parse_section(RunConfig, data, source="cfg.yaml")
 
 
 def test_train_refuses_a_plan_that_cannot_fit(tmp_path):
