@@ -250,6 +250,30 @@ def _write(out: str, report: dict) -> None:
     from comeir_dist.utils.atomic import write_json_and_markdown
 
     write_json_and_markdown(out, report, markdown_table(report))
+    if report["complete"]:
+        plot_latency(report, Path(out).with_suffix(".png"))
+
+
+def plot_latency(report: dict, path: Path) -> None:
+    """Bar chart: median ms per variant, whiskers min..max over the repetitions."""
+    from comeir_dist.utils.plotting import pyplot, save_figure
+
+    res = report["results"]
+    names = list(res)
+    med = [res[v]["median_ms"] for v in names]
+    lo = [m - res[v]["min_ms"] for v, m in zip(names, med)]
+    hi = [res[v]["max_ms"] - m for v, m in zip(names, med)]
+    c = report["config"]
+    fig, ax = pyplot().subplots(figsize=(5.6, 3.8), dpi=110)
+    ax.bar(names, med, yerr=[lo, hi], capsize=6, color=["tab:gray", "tab:orange", "tab:blue"][:len(names)])
+    for i, m in enumerate(med):
+        ratio = f"  ({m / res['comeir']['median_ms']:.2f}x ComeIR)" if "comeir" in res and names[i] != "comeir" else ""
+        ax.annotate(f"{m:,.0f} ms{ratio}", (i, m), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_ylabel("ms per batch (median; whiskers min..max)")
+    ax.set_title(f"generation latency: batch {c['batch_size']}, beam {c['beam_size']}, history {c['history']}, "
+                 f"backbone {c['backbone']['hidden_size']} x {c['backbone']['num_layers']} layers", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path)
 
 
 def profile_variants(models: dict, cfg: LatencyBenchConfig, rng: np.random.Generator, top: int = 15) -> dict:

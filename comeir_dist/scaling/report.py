@@ -92,11 +92,11 @@ def markdown_table(records: Sequence[dict], fit: Optional[PowerLawFit], axis: st
 def plot(records: Sequence[dict], fit: Optional[PowerLawFit], axis: str, metric: str, path: Path,
          title: str = "") -> None:
     """PNG: finished points (labelled with their scale), the fitted power law, log-scaled x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from comeir_dist.utils.plotting import pyplot, save_figure
+
+    plt = pyplot()
 
     field = AXIS_FIELD[axis]
     ok = [r for r in records if r.get("status") == "ok" and r.get("metrics", {}).get(metric) is not None]
@@ -122,10 +122,7 @@ def plot(records: Sequence[dict], fit: Optional[PowerLawFit], axis: str, metric:
     ax.set_title(title or f"{metric} vs {field}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(sweep_dir: Path, records: Sequence[dict], *, x_axis: str = "auto", metric: str = "item/hit@5",

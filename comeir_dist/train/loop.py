@@ -105,6 +105,15 @@ def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: Run
     return merged.means()
 
 
+def _plot_curves(out: Path, title: str) -> None:
+    from comeir_dist.train.curves import plot_training_curves
+
+    try:
+        plot_training_curves(out, title)
+    except Exception as exc:  # noqa: BLE001 -- a figure must never fail a finished run
+        log.warning("%s/train_curves.png not written: %s", out, exc)
+
+
 def train(cfg: RunConfig, on_checkpoint: Optional[Callable[[int, Path, dict], None]] = None,
           resume_from: Optional[Path] = None) -> Path:
     """Train one model; returns the run dir holding ``best/`` (checkpoint), ``train_log.jsonl``, ``summary.json``
@@ -305,5 +314,6 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         if test is not None:
             summary["test"] = {"step": step, **test}
         write_json(out / "summary.json", summary)
+        _plot_curves(out, f"{cfg.model.variant}: {world} rank(s), global batch {tc.batch_size}")
     env.barrier()
     return out

@@ -34,6 +34,7 @@ def test_train_writes_checkpoint_logs_summary(trained):
     assert summary["steps"] == 12 and summary["validation"]
     logs = [json.loads(l) for l in (trained / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in logs) and any("valid" in r for r in logs)
+    assert (trained / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluate_writes_metrics_and_per_user(trained, tmp_path, capsys):

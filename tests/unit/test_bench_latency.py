@@ -49,6 +49,7 @@ def test_latency_report_schema(tmp_path):
     assert on_disk["shapes"]["comeir"]["backbone_decode_steps"] == 0
     md = out.with_suffix(".md").read_text()
     assert "| flatten |" in md and "| comeir |" in md and "flatten / comeir" in md
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_latency_config_errors():
