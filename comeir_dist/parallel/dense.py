@@ -44,14 +44,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def prepare_deepspeed(device: torch.device):
-    """Import deepspeed with the right accelerator (DS_ACCELERATOR=cpu on CPU, set before the import).
+    """Import deepspeed with the accelerator of the training device (DS_ACCELERATOR=cpu / cuda, set before
+    the import: DeepSpeed fixes its accelerator on first use, and a stale value inherited from a CPU-only
+    driver or head node must not put GPU workers on the CPU accelerator).
 
     On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (g++/ninja, 0.5-2.5 min on first use)
     when its comm backend starts. Only DeepSpeed *inference* (tensor-parallel layers) uses that op, and it
     falls back to the process group without it, so training skips the build unless
     ``COMEIR_DS_SHM_COMM=1``."""
-    if device.type == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    if device.type in ("cpu", "cuda"):
+        os.environ["DS_ACCELERATOR"] = device.type
     import deepspeed
 
     if device.type == "cpu" and os.environ.get("COMEIR_DS_SHM_COMM", "0") != "1":
