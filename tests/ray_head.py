@@ -1,5 +1,5 @@
 """A private Ray head for tests: `ray start --head --block` as OUR child process (own ports, own temp dir, own
-process group), stopped by its PID/process group -- never `ray stop`, which would stop every Ray on the machine."""
+process group), stopped by its PID/process group only, so other Ray instances on the machine are never touched."""
 from __future__ import annotations
 
 import os

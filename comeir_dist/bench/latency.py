@@ -265,7 +265,8 @@ def plot_latency(report: dict, path: Path) -> None:
     hi = [res[v]["max_ms"] - m for v, m in zip(names, med)]
     c = report["config"]
     fig, ax = pyplot().subplots(figsize=(5.6, 3.8), dpi=110)
-    ax.bar(names, med, yerr=[lo, hi], capsize=6, color=["tab:gray", "tab:orange", "tab:blue"][:len(names)])
+    colors = {"flatten": "tab:gray", "tm": "tab:orange", "comeir": "tab:blue"}
+    ax.bar(names, med, yerr=[lo, hi], capsize=6, color=[colors[v] for v in names])
     for i, m in enumerate(med):
         ratio = f"  ({m / res['comeir']['median_ms']:.2f}x ComeIR)" if "comeir" in res and names[i] != "comeir" else ""
         ax.annotate(f"{m:,.0f} ms{ratio}", (i, m), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)

@@ -64,10 +64,10 @@ def prepare_deepspeed(device: torch.device):
 
 
 def deepspeed_config(cfg, per_rank_batch: int, world: int) -> dict:
-    """``per_rank_batch``: samples of one rank's micro-batch (``train.grad_accum_steps`` per optimizer step)."""
     """The DeepSpeed config dict: ``parallel.deepspeed_config`` (a JSON file; its ZeRO stage wins) or
     ``configs/deepspeed/zero<parallel.zero_stage>.json`` (bare ``{"stage": N}`` if that file is not there),
-    with the batch, clipping and bf16 settings always taken from the run config."""
+    with the batch, clipping and bf16 settings always taken from the run config. ``per_rank_batch`` is one
+    rank's micro-batch (``train.grad_accum_steps`` of them per optimizer step)."""
     p = cfg.parallel
     path = None
     if p.deepspeed_config:

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger(__name__)
 VALID_KEYS = ("item/ndcg@10", "item/hit@10")
 
 

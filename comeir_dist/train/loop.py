@@ -80,7 +80,7 @@ def micro_slices(idx: np.ndarray, accum: int, rank: int, world: int) -> list[tup
     out = []
     for micro in np.array_split(idx, accum):
         mine, weight = rank_slice(micro if len(micro) else idx, rank, world)
-        out.append((mine, weight * len(micro) * accum / len(idx)))
+        out.append((mine, weight * (len(micro) * accum / len(idx))))  # factor exactly 1.0 when accum == 1
     return out
 
 
