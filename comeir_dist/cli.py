@@ -29,8 +29,14 @@ def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, A
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     node = data
     *parents, leaf = dotted.split(".")
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):  # e.g. `train: 5` in the YAML and a --max-steps flag
+            from comeir_dist.errors import UserError
+
+            shown = repr(node) if len(repr(node)) <= 80 else repr(node)[:80] + "..."
+            raise UserError(f"key '{'.'.join(parents[:i + 1])}' = {shown}: must be a mapping (to set '{dotted}')"
+                            .replace("\n", "\\n"))
     node[leaf] = value
 
 
@@ -50,6 +56,12 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-num-cpus", dest="ray_num_cpus", type=int, default=None, help="CPUs for a local Ray instance")
 
 
+def add_overwrite_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="accept an --out dir holding content comeir did not write (or another kind of output): "
+                        "nothing there is deleted, same-named files are replaced" + extra)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="comeir", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -62,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output dataset dir (default runs/data/scientific)")
     p.add_argument("--k-core", dest="k_core", type=int)
     p.add_argument("--max-history", dest="max_history", type=int)
+    add_overwrite_flag(p, "; with changed inputs, the dataset's stale embeddings/SIDs are deleted")
 
     p = sub.add_parser("embed", help="item text -> item_emb.parquet with a sentence encoder (Ray tasks)")
     p.add_argument("--config")
@@ -118,7 +131,7 @@ def _prepare(args) -> int:
     import json
 
     cfg = load_pipeline_config(args, PREPARE_FLAGS)
-    out = run_prepare(cfg.prepare)
+    out = run_prepare(cfg.prepare, overwrite=args.overwrite)
     print(json.dumps({"dataset": str(out), **{k: v for k, v in json.loads((out / "stats.json").read_text()).items()
                                               if k in ("users", "items", "interactions")}}))
     return 0

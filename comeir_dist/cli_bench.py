@@ -120,6 +120,11 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
 
     @command("bench")
     def _bench(args) -> int:
+        if args.out:  # before the benchmark runs: a directory is not a report file name
+            from comeir_dist.utils.output_guard import check_out_file
+
+            check_out_file(args.out)
+            check_out_file(Path(args.out).with_suffix(".md"))
         if args.bench_cmd == "latency":
             from comeir_dist.bench.latency import markdown_table, run_latency_bench
 

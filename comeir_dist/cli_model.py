@@ -42,11 +42,28 @@ def load_run_config(args, extra: dict | None = None):
     return parse_section(RunConfig, data, source=args.config or "flags")
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``--set key=value`` flags as {dotted key: YAML-parsed value}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. engram.s_t=8")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: value is not valid YAML") from None
+    return out
+
+
 def add_model_commands(sub: "argparse._SubParsersAction") -> None:
-    from comeir_dist.cli import command
+    from comeir_dist.cli import add_overwrite_flag, command
 
     p = sub.add_parser("train", help="train a model (ComeIR or a baseline) on a prepared dataset with SIDs")
     _add_train_flags(p)
+    add_overwrite_flag(p)
 
     p = sub.add_parser("evaluate", help="constrained beam-search evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/train/comeir/best)")
@@ -63,15 +80,20 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
 
     p = sub.add_parser("experiment", help="train + evaluate several variants x seeds; results table")
     _add_train_flags(p)
-    p.add_argument("--variants", default="flatten,tm,comeir")
+    add_overwrite_flag(p)
+    p.add_argument("--variants", default="popular,flatten,tm,comeir",
+                   help="comma-separated: comeir, flatten, tm, popular (most-popular-unseen baseline)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--label", help="table label of this (single) variant, e.g. comeir-st8 (default: the variant)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (YAML value), e.g. --set engram.s_t=8; repeatable")
 
     @command("train")
     def _train(args) -> int:
         cfg = load_run_config(args)
         from comeir_dist.train.loop import train
 
-        out = train(cfg)
+        out = train(cfg, overwrite=args.overwrite)
         print(json.dumps({"run": str(out), **{k: v for k, v in json.loads((out / "summary.json").read_text()).items()
                                               if k != "validation"}}))
         return 0
@@ -100,13 +122,16 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
         from comeir_dist.config.run import VARIANTS
         from comeir_dist.train.experiment import run_experiment
 
+        from comeir_dist.train.experiment import POPULAR
+
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in variants if v not in VARIANTS]
+        allowed = (*VARIANTS, POPULAR)
+        bad = [v for v in variants if v not in allowed]
         if bad:
-            raise UserError(f"--variants: unknown variant {bad[0]!r}; allowed values: {', '.join(VARIANTS)}")
+            raise UserError(f"--variants: unknown variant {bad[0]!r}; allowed values: {', '.join(allowed)}")
         if args.seeds < 1:
             raise UserError(f"--seeds: {args.seeds}; must be >= 1")
-        cfg = load_run_config(args)
-        table = run_experiment(cfg, variants, args.seeds)
+        cfg = load_run_config(args, parse_sets(args.sets))
+        table = run_experiment(cfg, variants, args.seeds, label=args.label, overwrite=args.overwrite)
         print(table)
         return 0

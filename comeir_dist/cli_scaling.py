@@ -26,6 +26,9 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s-s", dest="s_s", help="intra scales s_S, e.g. 1.0 or 0.125,0.25,0.5,0.75,1 (scaling.s_s)")
     p.add_argument("--dtype", help="Engram table dtype of every point: fp16 | fp32 (default fp16)")
     p.add_argument("--out", help="sweep dir (default: scaling.out, else the run config's out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="accept a sweep dir holding content comeir did not write (or another kind of output): "
+                        "nothing there is deleted, same-named files are replaced")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print the grid with table sizes and the memory plan per point; train nothing")
     p.add_argument("--device-memory", dest="device_memory", type=float,
@@ -102,7 +105,7 @@ def run_scaling(args: argparse.Namespace) -> int:
         load_inputs(points[0].cfg)
     executor = InlineExecutor() if args.executor == "inline" else \
         RayExecutor(args.ray_address, args.ray_num_cpus, settings.cpus_per_point)
-    res = run_sweep(cfg, settings, sweep_dir=sweep, points=points, executor=executor)
+    res = run_sweep(cfg, settings, sweep_dir=sweep, points=points, executor=executor, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({k: v for k, v in res.summary.items() if k != "markdown"}, indent=2))
     else:

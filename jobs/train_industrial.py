@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", required=True, help="run config YAML (configs/industrial.yaml, configs/industrial_cpu.yaml)")
     ap.add_argument("--dataset", help="prepared dataset dir with SIDs (absolute under `ray job submit`)")
     ap.add_argument("--out", help="run dir: step checkpoints, logs, summary (shared storage on a multi-node cluster)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="accept an --out dir holding content comeir did not write: nothing there is deleted, "
+                         "same-named files are replaced")
     ap.add_argument("--max-steps", dest="max_steps", type=int)
     ap.add_argument("--max-minutes", dest="max_minutes", type=float)
     ap.add_argument("--batch-size", dest="batch_size", type=int, help="GLOBAL batch (per device x workers)")
@@ -49,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--deepspeed-config", dest="deepspeed_config")
     ap.add_argument("--storage-path", dest="storage_path", help="Ray Train storage (NFS path or s3://...)")
     ap.add_argument("--max-failures", dest="max_failures", type=int, help="worker-group restarts (-1 = unlimited)")
-    ap.add_argument("--name", help="Ray Train run name (default: basename of --out)")
+    ap.add_argument("--name", help="Ray Train run name (default: basename of --out + hash of its absolute path)")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--local-num-cpus", dest="local_num_cpus", type=int, help="CPUs of a local Ray instance")
     return ap.parse_args(argv)
@@ -75,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     from comeir_dist.orchestration.ray_train import run_ray_train
 
     try:
-        res = run_ray_train(load_config(args))
+        res = run_ray_train(load_config(args), overwrite=args.overwrite)
     except RuntimeError as exc:  # the run failed (Ray Train gave up after max_failures): one line, exit 1
         print(f"train_industrial: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

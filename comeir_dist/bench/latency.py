@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from comeir_dist.config.base import Section
+from comeir_dist.config.base import Section, Seed
 from comeir_dist.config.run import BackboneConfig
 from comeir_dist.engram.config import EngramConfig
 
@@ -60,7 +60,7 @@ class LatencyBenchConfig(Section):
     variants: list[Literal["flatten", "tm", "comeir"]] = Field(default_factory=lambda: list(VARIANT_ORDER))
     sparse: Literal["fused", "unsharded"] = Field("fused", description="Engram tables: DMP fused kernel (as in evaluation) or a plain EBC.")
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from comeir_dist.config.base import Section
+from comeir_dist.config.base import Section, Seed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LookupBenchConfig(Section):
     copy_mib: int = Field(512, ge=16, description="Size of the tensor copied for the bandwidth roofline.")
     paths: list[PathName] = Field(default_factory=lambda: list(PATHS))
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
-    seed: int = 0
+    seed: Seed = 0
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------

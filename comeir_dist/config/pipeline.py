@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from comeir_dist.config.base import Section
+from comeir_dist.config.base import Section, Seed
 
 
 class PrepareConfig(Section):
@@ -38,7 +38,7 @@ class QuantizeConfig(Section):
     levels: int = Field(3, ge=1, le=8, description="SID length L.")
     codebook_size: int = Field(128, ge=2, description="Codes per level C.")
     restarts: int = Field(2, ge=1, description="Independent seeds run as parallel Ray tasks; the best is kept.")
-    seed: int = 42
+    seed: Seed = 42
     kmeans_iters: int = Field(50, ge=1)
     kmeans_balanced: bool = Field(True, description="Balanced k-means (at most ceil(I/C) items per code) for RQ-KMeans levels and the RQ-VAE codebook init; False = plain Lloyd.")
     resolve_collisions: bool = Field(True, description="After fitting, items sharing a full SID move to their nearest last-level code unused within their (L-1)-prefix (L and codebooks unchanged); False = plain argmin of Eq. 29.")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from comeir_dist.config.base import Section
+from comeir_dist.config.base import Section, Seed
 from comeir_dist.config.parallel import ParallelConfig
 from comeir_dist.config.ray_job import RayTrainConfig
 from comeir_dist.engram.config import EngramConfig
@@ -44,6 +44,12 @@ class ModelConfig(Section):
     token_dim: int = Field(64, ge=4, description="Width of the learnable token embedding e^T (Eq. 2).")
     window: int = Field(4, ge=1, description="w: window of the transition query (Eq. 21) and decode query (Eq. 25).")
     ablations: list[str] = Field(default_factory=list, description=f"Any of {', '.join(ABLATIONS)}.")
+    head_interaction: Literal["none", "dot"] = Field(
+        "none", description="ComeIR head scoring. 'none' = the paper's Eq. 10 exactly, psi_l(x) = w_l^T LN(W_H h_u + "
+        "W_C e_x + mu_l(x)). 'dot' (extension, not in the paper) adds a direct user-candidate term "
+        "LN(W_Q h_u + sum_j P_j c^j)^T (W_O e_x) + b_x in which the generated prefix c^{<l} conditions the query.")
+    memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
+                                  "(encoder and head) during training; regularises the hashed memories.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")
@@ -66,6 +72,15 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     max_steps: int = Field(3000, ge=1)
+    lr_schedule: Literal["cosine", "constant", "plateau"] = Field(
+        "cosine", description="After the linear warm-up: 'cosine' = decay to 0.1x at max_steps (ties the rate to "
+        "max_steps); 'constant'; 'plateau' = constant, multiplied by plateau_factor (dense AdamW AND sparse "
+        "Adagrad rates) after every validation that does not improve, so no budget has to be guessed.")
+    plateau_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier per non-improving validation ('plateau').")
+    max_epochs: Optional[float] = Field(None, gt=0, description="Budget in epochs of the training samples; "
+                                        "overrides max_steps when set (same rule for every variant).")
+    eval_every_epochs: Optional[float] = Field(None, gt=0, description="Validate every this many epochs; "
+                                               "overrides eval_every when set (patience then counts these).")
     max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock training budget; stops at whichever of max_steps/max_minutes comes first.")
     grad_clip: float = Field(1.0, gt=0)
     bf16: bool = Field(False, description="bf16 autocast for the dense part.")
@@ -94,7 +109,20 @@ class EvalConfig(Section):
 
     beam_size: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)
-    ks: list[int] = Field(default_factory=lambda: [5, 10])
+    ks: list[int] = Field(default_factory=lambda: [5, 10], description="Cut-offs K of Hit@K / NDCG@K: positive, "
+                          "increasing, and including 10 (validation and early stopping use item/ndcg@10).")
+
+    @field_validator("ks")
+    @classmethod
+    def _check_ks(cls, ks: list[int]) -> list[int]:
+        allowed = "allowed: increasing positive integers that include 10 (validation uses item/ndcg@10), e.g. [5, 10]"
+        if any(k < 1 for k in ks):
+            raise ValueError(f"K={min(ks)} is not positive; {allowed}")
+        if any(b <= a for a, b in zip(ks, ks[1:])):
+            raise ValueError(f"not strictly increasing; {allowed}")
+        if 10 not in ks:
+            raise ValueError(f"10 is missing; {allowed}")
+        return ks
 
 
 class RunConfig(Section):
@@ -103,7 +131,7 @@ class RunConfig(Section):
     dataset: str = Field("runs/data/scientific", description="Prepared dataset dir (comeir prepare).")
     sid_method: Literal["rqkmeans", "rqvae"] = "rqkmeans"
     max_history: int = Field(20, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = Field("runs/train/comeir", description="Run dir: checkpoints, metrics, logs.")
     engram: EngramConfig = Field(default_factory=EngramConfig)

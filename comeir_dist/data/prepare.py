@@ -10,27 +10,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from comeir_dist.config.pipeline import PrepareConfig
+from comeir_dist.data.dataset_output import (PREPARED_FILES, derived_artefacts, input_fingerprint,
+                                             remove_artefacts, same_key_tables)
 from comeir_dist.data.kcore import dedupe_consecutive_repeats, k_core
 from comeir_dist.data.readers import RawData, read_raw
 from comeir_dist.data.schema import (ITEM_TEXT_FIELDS, ITEMS_SCHEMA, SEQUENCES_SCHEMA, SPLIT_SCHEMA,
                                      USERS_SCHEMA)
 from comeir_dist.errors import UserError
-from comeir_dist.utils.atomic import atomic_dir
+from comeir_dist.utils.atomic import atomic_update
+from comeir_dist.utils.output_guard import MARKER, check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
 MIN_SPLIT_LEN = 3  # train >= 1 item, plus a validation and a test target
 
 
 def _numeric_key(raw: str):
-    """Sort raw ids numerically when they are integers (keeps the bundled ids' order), else lexically."""
-    return (0, int(raw), "") if raw.lstrip("-").isdigit() else (1, 0, raw)
+    """Order of raw ids: ASCII-digit ids numerically first (keeps the bundled ids' order), then all others as
+    strings. No int() (ids such as '--5', '²' or 5000 digits must not fail); the text breaks ties ('7' vs
+    '007'), so the order is total and the same on every run."""
+    if raw.isascii() and raw.isdigit():
+        digits = raw.lstrip("0")
+        return (0, len(digits), digits, raw)
+    return (1, 0, "", raw)
 
 
 def _filter(raw: RawData, cfg: PrepareConfig) -> dict[str, list[str]]:
     missing = sorted({i for s in raw.sequences.values() for i in s} - raw.items.keys(), key=_numeric_key)
     if missing:
         raise UserError(f"{raw.source}: {len(missing)} item(s) referenced by interactions are absent from the "
-                        f"item table, e.g. item_id '{missing[0]}'")
+                        f"item table, e.g. item_id {missing[0]!r}")
     seqs = k_core(dedupe_consecutive_repeats(raw.sequences), cfg.k_core)
     if not seqs:
         raise UserError(f"{raw.source}: no user or item survives the {cfg.k_core}-core filter "
@@ -41,6 +49,10 @@ def _filter(raw: RawData, cfg: PrepareConfig) -> dict[str, list[str]]:
         seqs = {u: s for u, s in seqs.items() if len(s) >= MIN_SPLIT_LEN}
         if not seqs:
             raise UserError(f"{raw.source}: every user has fewer than {MIN_SPLIT_LEN} items after filtering")
+    if not any(len(s) > MIN_SPLIT_LEN for s in seqs.values()):
+        raise UserError(f"{raw.source}: no training sample: all {len(seqs)} user(s) have exactly {MIN_SPLIT_LEN} items "
+                        f"after filtering, so each train sequence (all but the last 2 items) is a single item with "
+                        f"no next item to predict; at least one user needs >= {MIN_SPLIT_LEN + 1} items")
     return seqs
 
 
@@ -84,17 +96,43 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
     return tables, stats
 
 
-def run_prepare(cfg: PrepareConfig) -> Path:
-    """Read, filter and split; write DIR atomically. Returns the dataset directory."""
+def run_prepare(cfg: PrepareConfig, overwrite: bool = False) -> Path:
+    """Read, filter and split; write DIR. Returns the dataset directory.
+
+    DIR may be new, empty, or a dataset comeir prepared: with unchanged inputs (fingerprint of the input
+    files + parameters) nothing is redone; otherwise only the prepared tables and stats are replaced, and
+    the embeddings / SIDs of later stages are kept while the items and sequences stay the same. Inputs that
+    change them, or a DIR holding anything else, are refused unless ``overwrite`` (see utils.output_guard)."""
     t0 = time.time()
+    out = Path(cfg.out)
+    state = check_out_dir(out, "dataset", overwrite=overwrite)
+    fp = input_fingerprint(cfg)
+    if (state.kind == "dataset" and state.marker and state.marker.get("fingerprint") == fp
+            and all((out / f).is_file() for f in PREPARED_FILES)):
+        log.info("prepared %s is up to date (same inputs and parameters): nothing to do", out)
+        return out
     raw = read_raw(cfg.input, cfg.items)
     tables, stats = build_tables(raw, cfg)
-    out = Path(cfg.out)
-    with atomic_dir(out) as tmp:
+    stale = []
+    if state.kind == "dataset" and not same_key_tables(out, tables):
+        stale = derived_artefacts(out)
+        if stale and not overwrite:
+            raise UserError(f"--out {out}: the inputs or parameters changed since this dataset was prepared, "
+                            f"which would make {', '.join(stale)} stale; choose another --out or pass --overwrite "
+                            f"(deletes them)")
+    with atomic_update(out) as tmp:
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         stats["wall_time_s"] = round(time.time() - t0, 3)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"],
-             stats["interactions"])
+        (out / MARKER).unlink(missing_ok=True)  # until the new marker: a half-replaced dir is not "up to date"
+        if stale:
+            log.warning("--overwrite: deleting %s of %s (computed from the previous tables)", ", ".join(stale), out)
+            remove_artefacts(out, stale)
+    write_marker(out, "dataset", fp, "comeir prepare", files=list(PREPARED_FILES),
+                 params={"input": cfg.input, "items": cfg.items, "k_core": cfg.k_core,
+                         "max_history": cfg.max_history})
+    kept = derived_artefacts(out)
+    log.info("prepared %s: %d users, %d items, %d interactions%s", out, stats["users"], stats["items"],
+             stats["interactions"], f" (kept {', '.join(kept)})" if kept else "")
     return out

@@ -28,6 +28,9 @@ class EngramConfig(Section):
     hash_seed: int = Field(0, ge=0, description="Seed of the odd hash multipliers m_{a,k} (Eq. 39). Changing it scrambles a trained memory; it is saved with checkpoints.")
     table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
+    sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "
+                                                  "then freeze them (sparse rate 0) while the dense part goes on; "
+                                                  "None = never. Counters the memories' one-epoch overfitting.")
     eps: float = Field(1e-8, gt=0, description="Epsilon of the row-wise Adagrad denominator.")
     init_scale: float = Field(0.01, gt=0, description="Tables are initialised uniform(-init_scale, +init_scale).")
 

@@ -31,8 +31,10 @@ BLOCK_ELEMS = 1 << 20
 class EngramRead(nn.Module):
     """R_l(q, p) of one memory at one level with ``n_orders`` n-gram orders."""
 
-    def __init__(self, d_q: int, d_m: int, n_orders: int, d_out: int, d_k: int | None = None, ln_eps: float = 1e-5):
+    def __init__(self, d_q: int, d_m: int, n_orders: int, d_out: int, d_k: int | None = None, ln_eps: float = 1e-5,
+                 addr_dropout: float = 0.0):
         super().__init__()
+        self.addr_dropout = addr_dropout  # training only: dropout on the looked-up addresses (regularises rows)
         if n_orders < 1:
             raise ValueError("n_orders must be >= 1")
         self.d_q, self.d_m, self.n_orders, self.d_out = d_q, d_m, n_orders, d_out
@@ -98,6 +100,8 @@ class EngramRead(nn.Module):
         else:
             a = torch.where(valid.unsqueeze(-1), addr, torch.zeros((), dtype=addr.dtype, device=addr.device))
         a = a.to(self.w_k.dtype)
+        if self.addr_dropout and self.training and torch.is_grad_enabled():
+            a = torch.nn.functional.dropout(a, self.addr_dropout)
         if q_index is not None:
             g = g.index_select(0, q_index)  # (index_select: a plain row gather, faster than g[q_index])
         gate = torch.sigmoid((g * a).sum(-1) / math.sqrt(self.d_k))  # [..., O]  (Eq. 15)

@@ -116,12 +116,15 @@ class MetricSums:
 
     sums: Dict[str, float] = field(default_factory=dict)
     count: int = 0
+    sumsq: Dict[str, float] = field(default_factory=dict)  # sums of squares: the standard errors
+
 
     @classmethod
     def from_arrays(cls, P, G, found, sid_rank, ks: Sequence[int] = (5, 10)) -> "MetricSums":
         values = per_user_metrics(P, G, found, sid_rank, ks)
         count = len(_np(P, np.int64))
-        return cls(sums={k: math.fsum(v.tolist()) for k, v in values.items()}, count=count)
+        return cls(sums={k: math.fsum(v.tolist()) for k, v in values.items()}, count=count,
+                   sumsq={k: math.fsum((v * v).tolist()) for k, v in values.items()})
 
     @classmethod
     def from_ranks(cls, ranks, ks: Sequence[int] = (5, 10)) -> "MetricSums":
@@ -136,6 +139,8 @@ class MetricSums:
         return MetricSums(
             sums={k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in keys},
             count=self.count + other.count,
+            sumsq={k: self.sumsq.get(k, 0.0) + other.sumsq.get(k, 0.0) for k in keys
+                   if k in self.sumsq or k in other.sumsq},
         )
 
     __add__ = merge
@@ -151,17 +156,31 @@ class MetricSums:
         """Average per user (0.0 for every metric when there are no users) plus ``"users"``."""
         out: Dict[str, float] = {k: (v / self.count if self.count else 0.0) for k, v in self.sums.items()}
         out["users"] = int(self.count)
+        out.update(self.standard_errors())
+        return out
+
+    def standard_errors(self) -> Dict[str, float]:
+        """``se/<metric>``: standard error of each mean over users, sqrt(sample variance / n)."""
+        n = self.count
+        if n < 2:
+            return {}
+        out = {}
+        for k, sq in self.sumsq.items():
+            mean = self.sums[k] / n
+            var = max(0.0, (sq - n * mean * mean) / (n - 1))
+            out[f"se/{k}"] = math.sqrt(var / n)
         return out
 
     to_dict = means
 
     def state_dict(self) -> Dict[str, object]:
         """Plain JSON-serialisable form (for Ray / all_gather_object / files)."""
-        return {"sums": dict(self.sums), "count": int(self.count)}
+        return {"sums": dict(self.sums), "count": int(self.count), "sumsq": dict(self.sumsq)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, object]) -> "MetricSums":
-        return cls(sums={str(k): float(v) for k, v in dict(state["sums"]).items()}, count=int(state["count"]))
+        return cls(sums={str(k): float(v) for k, v in dict(state["sums"]).items()}, count=int(state["count"]),
+                   sumsq={str(k): float(v) for k, v in dict(state.get("sumsq", {})).items()})
 
 
 def compute_metrics(P, G, found, sid_rank, ks: Sequence[int] = (5, 10)) -> Dict[str, float]:

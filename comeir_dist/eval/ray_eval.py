@@ -130,6 +130,11 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
         raise UserError(f"--workers: {num_workers}; must be >= 1")
     if cpus_per_worker <= 0:
         raise UserError(f"cpus_per_worker: {cpus_per_worker}; must be > 0")
+    if out:  # before any actor starts: a directory is not a file name
+        from comeir_dist.utils.output_guard import check_out_file
+
+        check_out_file(out)
+        check_out_file(Path(out).with_suffix(".users.parquet"))
     ckpt = Path(checkpoint)
     cfg, meta = _read_config(ckpt, dataset)  # validates the checkpoint before any actor starts
     users, hist, target = split_samples(cfg.dataset, split, cfg.max_history)

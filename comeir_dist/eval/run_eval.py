@@ -16,6 +16,7 @@ from comeir_dist.train.checkpoint_simple import load_checkpoint_into, read_meta
 from comeir_dist.train.samples import split_samples
 from comeir_dist.train.setup import build_sharded_model, load_inputs, resolve_device
 from comeir_dist.utils.atomic import atomic_file, write_json
+from comeir_dist.utils.output_guard import check_out_file
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ def run_evaluate(checkpoint: str, split: str = "test", out: str | None = None, d
                  beam_size: int | None = None, batch_size: int | None = None, max_users: int | None = None) -> dict:
     if split not in ("valid", "test"):
         raise UserError(f"--split: {split!r}; allowed values: valid, test")
+    if out:  # before minutes of work: a directory is not a file name (nothing is created here)
+        check_out_file(out)
+        check_out_file(Path(out).with_suffix(".users.parquet"))
     ckpt = Path(checkpoint)
     model, cfg, meta, dev = load_model_from_checkpoint(ckpt, dataset)
     users, hist, target = split_samples(cfg.dataset, split, cfg.max_history)

@@ -19,7 +19,8 @@ class ComeIRModel(nn.Module):
     variant = "comeir"
 
     def __init__(self, ecfg: EngramConfig, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module,
-                 trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu"):
+                 trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
+                 head_interaction: str = "none", memory_dropout: float = 0.0):
         super().__init__()
         self.catalog, self.backbone, self.trie = catalog, backbone, trie
         self.levels, self.codebook_size = codebooks.shape[0], codebooks.shape[1]
@@ -32,11 +33,12 @@ class ComeIRModel(nn.Module):
             for memory in ("intra", "inter"):
                 n = len(self.lookup.orders(memory, l))
                 if n:
-                    reads[f"{memory}{l}"] = EngramRead(d, ecfg.d_m, n, d)
+                    reads[f"{memory}{l}"] = EngramRead(d, ecfg.d_m, n, d, addr_dropout=memory_dropout)
         self.reads = reads
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
                                      ablations, ecfg.d_max)
-        self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max)
+        self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max,
+                               interaction=head_interaction)
         self.tables = EngramTables(ecfg, device=sparse_device)  # the sparse part (sharded by parallel/)
 
     def _encode(self, batch: HistoryBatch, extra_requests=None):

@@ -29,7 +29,8 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
     m = cfg.model
     if m.variant == "comeir":
         model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
-                            sparse_device=sparse_device)
+                            sparse_device=sparse_device, head_interaction=m.head_interaction,
+                            memory_dropout=m.memory_dropout)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim)
         model.trie = trie

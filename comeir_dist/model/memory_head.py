@@ -6,6 +6,11 @@ For level l, every catalog-valid candidate code x of every beam prefix c^{<l} is
     eta^T(x)  = R^T_l(q^D_{u,l}, Suffix(C^{<=l} + c^{<=l}(x)))                                       (Eq. 24, 26)
     mu(x)     = W_S,l eta^S(x) + W_T,l eta^T(x)                                                      (Eq. 27, 8, 9)
     psi(x)    = w_l^T LN(W_H,l zeta + W_C,l e_x + mu(x))                                             (Eq. 10)
+With ``interaction="dot"`` (an extension, not in the paper) a direct user-candidate term is added:
+    psi(x)   += LN(W_Q,l zeta + sum_{j<l} P_{l,j}[c^j])^T (W_O,l e_x) + b_l(x)
+Without it h_u and e_x meet only inside the LayerNorm, and the generated prefix reaches the score only
+through the intra-memory key; the extra term is the output layer flatten / TM have (a state that has
+seen the prefix, scored against every code), at O(B K d C) per level.
 Only valid (beam, x) pairs are computed: the prefix tree leaves a handful of children per prefix at
 deep levels, so memory reads cost O(valid pairs), not O(beams x C). Invalid logits are -inf; the
 normalisation over valid codes (Eq. 11) happens in the loss / beam search.
@@ -34,12 +39,14 @@ class HeadRequest:
     shape: tuple[int, int, int]  # (B, K, C)
     intra: list
     inter: list
+    prefixes: torch.Tensor  # [B, K, level-1] generated codes c^{<l}
 
 
 class MemoryHead(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int):
+                 ablations: set[str], d_max: int, interaction: str = "none"):
         super().__init__()
+        self.interaction = interaction
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads
         self.use_intra = "no_d_intra" not in ablations
@@ -52,6 +59,15 @@ class MemoryHead(nn.Module):
         self.w_c = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W_{C,l}
         self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(levels))
         self.w_out = nn.ModuleList(nn.Linear(d, 1, bias=False) for _ in range(levels))  # w_l
+        if interaction == "dot":
+            self.w_q_dot = nn.ModuleList(nn.Linear(d, d) for _ in range(levels))  # W_Q,l
+            # P_{l,j}: embeddings of the generated code of level j < l, one table per (l, j)
+            self.prefix_emb = nn.ModuleList(nn.Embedding(codebook_size, d) for _ in range(levels * (levels - 1) // 2))
+            self.ln_dot = nn.ModuleList(nn.LayerNorm(d) for _ in range(levels))
+            self.w_o_dot = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W_O,l
+            self.b_dot = nn.Parameter(torch.zeros(levels, codebook_size))  # b_l(x)
+            for e in self.prefix_emb:
+                nn.init.normal_(e.weight, std=0.02)
 
     def request(self, lp: LookupPass, level: int, prefixes: torch.Tensor, cand_valid: torch.Tensor,
                 hist_units: list[torch.Tensor], mask: torch.Tensor) -> HeadRequest:
@@ -75,7 +91,7 @@ class MemoryHead(nn.Module):
                 keys = torch.cat([ctx[:, 0, : o - 1].index_select(0, b), units], dim=-1)
                 valid = ok[:, 0].index_select(0, b)
                 inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid), valid))
-        return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter)
+        return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter, prefixes)
 
     def decode_query(self, level: int, zeta: torch.Tensor, s0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q^D_{u,l} (Eq. 25) over the last ``window`` history positions (left padding: the last columns)."""
@@ -102,9 +118,22 @@ class MemoryHead(nn.Module):
             base = _add(base, _projected_read(self.reads[f"inter{l}"], self.w_t[i], q, addr, valid, req.b))
         hidden = self.ln[i](base)
         psi = self.w_out[i](hidden).squeeze(-1)
+        if self.interaction == "dot":
+            psi = psi + self._dot_scores(l, zeta, req.prefixes, code_emb)[req.b, req.k, req.x]
         out = torch.full(req.shape, float("-inf"), dtype=psi.dtype, device=psi.device)
         out[req.b, req.k, req.x] = psi
         return out
+
+
+    def _dot_scores(self, level: int, zeta: torch.Tensor, prefixes: torch.Tensor, code_emb: torch.Tensor):
+        """``[B, K, C]``: LN(W_Q zeta + sum_j P_{l,j}[c^j])^T (W_O e_x) + b_l(x) for every beam and code."""
+        i = level - 1
+        q = self.w_q_dot[i](zeta).unsqueeze(1).expand(-1, prefixes.shape[1], -1)  # [B, K, d]
+        first = i * (i - 1) // 2  # tables of level l start after those of levels < l
+        for j in range(i):
+            q = q + self.prefix_emb[first + j](prefixes[:, :, j])
+        q = self.ln_dot[i](q)
+        return q @ self.w_o_dot[i](code_emb).t() + self.b_dot[i]
 
 
 def _pair_sum(h: torch.Tensor, c: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

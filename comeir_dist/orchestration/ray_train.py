@@ -11,8 +11,14 @@ therefore be shared storage, like ``ray.storage_path``. When a worker dies, Ray 
 (max_failures)``) restarts the whole group; each new worker reads the last reported manifest
 (``ray.train.get_checkpoint()``) and resumes from exactly that step -- on any number of workers.
 
-Each worker appends ``{"rank", "pid", "resume_step", "time"}`` to ``<out>/ray_workers.jsonl`` at start, so an
-operator (or the fault test) can see the attempts and find a worker's process.
+A recorded manifest path is followed only when it resolves to a ``step-N`` dir under ``<out>/checkpoints``
+(anything else is refused with one line); the step dir's checksums are verified before it is loaded.
+
+Each worker appends ``{"event": "start", "run_id", "rank", "pid", "resume_from", "resume_step", "time"}`` to
+``<out>/ray_workers.jsonl`` at start (and an ``"error"`` record when training raises), so an operator (or the fault
+test) can see the attempts and find a worker's process. ``ray.max_failures: -1`` restarts without limit, except
+that a run stops (``comeir_dist.orchestration.attempts``) after a UserError or when the same step failed in two
+attempts in a row; the driver then raises (UserError: exit 2; repeated failure: exit 1).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +38,7 @@ from comeir_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "comeir_checkpoint.json"
-WORKERS_LOG = "ray_workers.jsonl"
+WORKERS_LOG = "ray_workers.jsonl"  # written and read by comeir_dist.orchestration.attempts
 
 
 # ---- driver side -------------------------------------------------------------------------------------------
@@ -48,6 +55,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     if not data.is_dir():
         raise UserError(f"dataset: {cfg.dataset} not found (resolved to {data}). Under `ray job submit` the working "
                         f"dir is a copy without runs/: pass --dataset with an absolute path every node can read")
+    from comeir_dist.train.samples import require_training_samples
+
+    require_training_samples(data)  # before any worker starts (0 samples: the loop would divide by zero)
     upd: dict[str, Any] = {"dataset": str(data), "out": ab(cfg.out)}
     ray_upd = {"storage_path": ab(cfg.ray.storage_path)}
     par_upd = {}
@@ -107,7 +117,7 @@ def preflight_memory_plan(cfg: RunConfig, local: bool) -> None:
         log.info(plan.message())
 
 
-def run_ray_train(cfg: RunConfig) -> dict:
+def run_ray_train(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Fit the TorchTrainer; returns {"run_dir", "summary", "ray_checkpoint", "attempts"}. Starts a local Ray
     (``ray.local_num_cpus``) unless ``ray.address`` / RAY_ADDRESS points at a cluster."""
     import ray
@@ -119,17 +129,22 @@ def run_ray_train(cfg: RunConfig) -> dict:
     cfg = resolve_worker_device(absolute_paths(cfg))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     preflight_memory_plan(cfg, local=not address)
+    from comeir_dist.utils.output_guard import claim_out_dir, run_fingerprint
+
+    # before any worker starts: refuse an out dir holding other content unless overwrite (workers see the marker)
+    claim_out_dir(cfg.out, "run", run_fingerprint(cfg), "comeir train (Ray Train)", overwrite=overwrite)
     rc, world = cfg.ray, cfg.parallel.world_size
     resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {})}
-    name = rc.name or Path(cfg.out).name
+    name = rc.run_name(cfg.out)  # default: basename of out + hash of its absolute path (no collisions)
     with ray_session(address, rc.local_num_cpus, dashboard=True):
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
         if rc.cpus_per_worker * world > cluster_cpus:
             raise UserError(f"parallel.world_size {world} x ray.cpus_per_worker {rc.cpus_per_worker:g} CPUs > the "
                             f"cluster's {cluster_cpus:g}; lower --num-workers or --cpus-per-worker")
+        run_id = uuid.uuid4().hex  # scopes the attempt records of this fit (attempts.py)
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"run": cfg.model_dump(mode="json")},
+            train_loop_config={"run": cfg.model_dump(mode="json"), "run_id": run_id},
             scaling_config=ScalingConfig(num_workers=world, use_gpu=rc.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend=cfg.parallel.backend, timeout_s=1800),
@@ -141,25 +156,49 @@ def run_ray_train(cfg: RunConfig) -> dict:
         try:
             result = trainer.fit()
         except Exception as exc:  # TrainingFailedError wraps the worker's exception
+            raise_if_stopped(Path(cfg.out), run_id, name)
             raise RuntimeError(f"Ray Train run {name} failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
                                ) from exc
+    raise_if_stopped(Path(cfg.out), run_id, name)
     out = Path(cfg.out)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     return {"run_dir": str(out), "summary": summary,
             "ray_checkpoint": None if result.checkpoint is None else result.checkpoint.path,
-            "attempts": worker_attempts(out)}
+            "attempts": worker_attempts(out, run_id)}
 
 
-def worker_attempts(out: Path) -> list[dict]:
-    p = Path(out) / WORKERS_LOG
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+def worker_attempts(out: Path, run_id: Optional[str] = None) -> list[dict]:
+    """The workers' start records (all runs, or one ``run_id``); a torn last line is skipped."""
+    from comeir_dist.orchestration import attempts
+
+    return attempts.records(out, run_id)
+
+
+def raise_if_stopped(out: Path, run_id: str, name: str) -> None:
+    """After ``fit``: the workers stopped the run (attempts.py) -> UserError (its message) or RuntimeError."""
+    from comeir_dist.orchestration import attempts
+
+    st = attempts.stopped(out, run_id)
+    if st is None:
+        return
+    if st.get("reason") == "user_error":
+        raise UserError(str(st.get("message")))
+    raise RuntimeError(f"Ray Train run {name} stopped: {st.get('message')}")
 
 
 # ---- worker side -------------------------------------------------------------------------------------------
-def _manifest_resume() -> Optional[Path]:
+def manifest_step_dir(manifest, out: Path) -> Optional[Path]:
+    """The step dir a reported manifest names, refused (UserError) unless it is ``<out>/checkpoints/step-N``."""
+    from comeir_dist.train.checkpoint_dirs import require_step_dir
+
+    if not isinstance(manifest, dict):
+        raise UserError(f"Ray Train checkpoint manifest {MANIFEST}: malformed")
+    path = manifest.get("path")
+    return None if path is None else require_step_dir(out, path, f"Ray Train checkpoint manifest {MANIFEST}")
+
+
+def _manifest_resume(out: Path) -> Optional[Path]:
     """The committed step dir of the last checkpoint reported to Ray Train (None on the first attempt)."""
     import ray.train
 
@@ -167,8 +206,11 @@ def _manifest_resume() -> Optional[Path]:
     if ck is None:
         return None
     with ck.as_directory() as d:
-        m = json.loads((Path(d) / MANIFEST).read_text())
-    return Path(m["path"]) if m.get("path") else None
+        try:
+            m = json.loads((Path(d) / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Ray Train checkpoint {ck.path}: {MANIFEST} unreadable ({exc.__class__.__name__})") from None
+    return manifest_step_dir(m, out)
 
 
 def _report(step: int, step_dir: Optional[Path], metrics: dict, name: str = "step") -> None:
@@ -195,30 +237,75 @@ def _report(step: int, step_dir: Optional[Path], metrics: dict, name: str = "ste
 
 def train_worker(config: dict) -> None:
     """The Ray Train worker function: the same ``train(cfg)`` as ``comeir train``, resumed from Ray's checkpoint."""
+    run_attempt(config, _train_and_report)
+
+
+def _train_and_report(cfg: RunConfig, resume_from: Optional[Path]) -> None:
+    from comeir_dist.train.checkpoint import latest_committed
+    from comeir_dist.train.loop import train
+
+    out = Path(cfg.out)
+    train(cfg, on_checkpoint=_report, resume_from=resume_from)
+    summary = out / "summary.json"
+    final = json.loads(summary.read_text()) if summary.is_file() else {}
+    _report(int(final.get("steps", 0)), latest_committed(out),  # a restart after this resumes at the end
+            {"final": 1, "steps": final.get("steps", 0), "best_valid_ndcg@10": final.get("best_valid_ndcg@10", -1.0)}, name="final")
+
+
+def run_attempt(config: dict, body) -> None:
+    """One worker's attempt (see ``attempts``): return at once when an earlier attempt stopped this run; else record
+    the start and run ``body(cfg, resume_from)``. A failure is recorded; a UserError, or the same resume step
+    failing for the second time in a row, stops the run (the record is written before the error propagates)."""
     for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("comeir_dist").setLevel(logging.INFO)
     import ray.train
 
-    from comeir_dist.train.loop import train
+    from comeir_dist.orchestration import attempts
+    from comeir_dist.train.checkpoint_dirs import step_of
 
     cfg = RunConfig.model_validate(config["run"])
+    run_id = str(config.get("run_id") or "unscoped")
     rank = ray.train.get_context().get_world_rank()
-    resume_from = _manifest_resume()
-    if resume_from is not None:
-        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"resume": True})})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / WORKERS_LOG).open("a") as f:  # one short line per append: atomic enough under O_APPEND
-        f.write(json.dumps({"rank": rank, "pid": os.getpid(), "resume_from": None if resume_from is None
-                            else str(resume_from), "time": time.time()}) + "\n")
-    log.info("Ray Train worker rank %d pid %d%s", rank, os.getpid(),
-             f", resuming from {resume_from}" if resume_from else "")
-    train(cfg, on_checkpoint=_report, resume_from=resume_from)
-    summary = out / "summary.json"
-    final = json.loads(summary.read_text()) if summary.is_file() else {}
-    from comeir_dist.train.checkpoint import latest_committed
+    if attempts.stopped(out, run_id):
+        log.error("rank %d: this Ray Train run was stopped by an earlier attempt (%s); not training", rank,
+                  out / attempts.STOPPED)
+        return
+    resume_step = 0
+    try:
+        resume_from = _manifest_resume(out)
+        resume_step = 0 if resume_from is None else step_of(resume_from)
+        if attempts.repeated_failure(attempts.records(out, run_id, rank), resume_step):  # crashes left no record
+            _stop(out, run_id, rank, resume_step, None)
+            raise RuntimeError(f"stopping the run: step {resume_step} failed in {attempts.FAILS_IN_A_ROW} attempts "
+                               f"in a row")
+        if resume_from is not None:
+            cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"resume": True})})
+        attempts.record_start(out, run_id, rank, resume_from, resume_step)
+        log.info("Ray Train worker rank %d pid %d%s", rank, os.getpid(),
+                 f", resuming from {resume_from}" if resume_from else "")
+        body(cfg, resume_from)
+    except UserError as exc:
+        attempts.record_error(out, run_id, rank, resume_step, exc)
+        attempts.write_stopped(out, run_id, "user_error", resume_step, str(exc))
+        raise
+    except BaseException as exc:
+        if not attempts.stopped(out, run_id):
+            attempts.record_error(out, run_id, rank, resume_step, exc)
+            if attempts.repeated_failure(attempts.records(out, run_id, rank), resume_step):
+                _stop(out, run_id, rank, resume_step, attempts.one_line(exc))
+        raise
 
-    _report(int(final.get("steps", 0)), latest_committed(out),  # a restart after this resumes at the end
-            {"final": 1, "steps": final.get("steps", 0), "best_valid_ndcg@10": final.get("best_valid_ndcg@10", -1.0)}, name="final")
+
+def _stop(out: Path, run_id: str, rank: int, step: int, error: Optional[str]) -> None:
+    """Record that this run must not be restarted again (the next attempt returns at once; the driver reports it)."""
+    from comeir_dist.orchestration import attempts
+
+    msg = (f"step {step} failed in {attempts.FAILS_IN_A_ROW} attempts in a row (last error: "
+           f"{error or attempts.last_error(out, run_id) or 'unknown, see the worker logs'}); not restarting again -- "
+           f"fix the cause and rerun (it resumes from step {step})")
+    log.error("rank %d: %s", rank, msg)
+    attempts.write_stopped(out, run_id, "repeated_failure", step, msg)

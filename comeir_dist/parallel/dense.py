@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,18 +28,11 @@ import torch
 from torch import nn
 
 from comeir_dist.errors import UserError
+from comeir_dist.train.schedule import PlateauScale, lr_factor
 
 log = logging.getLogger(__name__)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def prepare_deepspeed(device: torch.device):
@@ -141,9 +133,12 @@ class DenseEngine:
         self.forward_module = TrainForward(model, tc.bf16)
         optimizer = torch.optim.AdamW(dense_params, lr=tc.lr, weight_decay=tc.weight_decay)
         warm, total = tc.warmup_steps, tc.max_steps
+        # the plateau scale is shared with the loop (it also scales the sparse Adagrad rate); see train.schedule
+        self.plateau = PlateauScale(tc.lr_schedule, tc.plateau_factor)
 
         def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, total))
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, warm, total, tc.lr_schedule, self.plateau.scale))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.forward_module, optimizer=optimizer, lr_scheduler=schedule, config=self.config,

@@ -243,3 +243,23 @@ def full_tables_state(tables: torch.nn.Module) -> dict[str, dict[str, torch.Tens
 def load_full_tables_state(tables: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
     for g, m in group_dmps(tables).items():
         load_sparse_state_dict(m, state[g])
+
+
+def set_sparse_lr(model: torch.nn.Module, lr: float) -> int:
+    """Set the learning rate of every fused table optimizer under ``model`` (DMP ``fused_optimizer``; the
+    fused kernels read it from their param group on ``step()``). Returns how many optimizers were set."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from comeir_dist.model.engram_memory import EngramTables
+
+    # the sharded collections are kept outside the module tree (EngramTables.attach): walk them explicitly
+    roots = [c for t in model.modules() if isinstance(t, EngramTables) for c in t.collections().values()]
+    n = 0
+    for mod in (m for r in roots + [model] for m in r.modules()):
+        if isinstance(mod, DistributedModelParallel):
+            opt = mod.fused_optimizer
+            for group in opt.param_groups:
+                group["lr"] = float(lr)
+            opt.step()  # applies the param-group lr to the kernels; the fused update itself runs in backward
+            n += 1
+    return n

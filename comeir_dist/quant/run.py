@@ -182,7 +182,7 @@ def run_quantize(dataset_dir: Path, cfg: QuantizeConfig, ray_address: Optional[s
         "fingerprint": codes_fingerprint(codes),
     }
     out = sids_dir(dataset_dir, cfg.method)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # sids/<method>/ is written whole by comeir
         write_sids(tmp, codes, best["codebooks"], report)
     log.info("quantize %s: kept seed %d, distinct %d/%d (%.4f), %d items in collisions, "
              "recon_mse %.3e, %.1f s -> %s", cfg.method, best["seed"], s["distinct_sids"], s["items"],

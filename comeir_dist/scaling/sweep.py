@@ -29,6 +29,7 @@ from comeir_dist.scaling.grid import GridPoint, ScalingSettings, build_grid, pla
 from comeir_dist.scaling.report import write_report
 from comeir_dist.scaling.runner import PointJob, RayExecutor, run_point
 from comeir_dist.utils.atomic import write_json
+from comeir_dist.utils.output_guard import claim_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def prepare_grid(base: RunConfig, settings: ScalingSettings, sweep_dir: Optional
 def run_sweep(base: RunConfig, settings: ScalingSettings, *, sweep_dir: Optional[Path] = None,
               device_memory_gib: Optional[float] = None, executor: Optional[Callable] = None,
               runner: Callable[[str], dict] = run_point, ray_address: Optional[str] = None,
-              ray_num_cpus: Optional[int] = None, points: Optional[list[GridPoint]] = None) -> SweepResult:
+              ray_num_cpus: Optional[int] = None, points: Optional[list[GridPoint]] = None,
+              overwrite: bool = False) -> SweepResult:
     """Run every unfinished point that fits (``executor``: default :class:`RayExecutor`), record each as it
     finishes, then write the report over all points (finished earlier, new, refused, failed)."""
     if points is None:
@@ -118,6 +120,8 @@ def run_sweep(base: RunConfig, settings: ScalingSettings, *, sweep_dir: Optional
         sweep = Path(sweep_dir or settings.out or base.out)
     if executor is None:
         executor = RayExecutor(ray_address, ray_num_cpus, settings.cpus_per_point)
+    # a dir holding other content (or another kind of output) is refused unless overwrite; nothing is deleted
+    claim_out_dir(sweep, "scaling", None, "comeir scaling", overwrite=overwrite)
     pdir = points_dir(sweep)
     pdir.mkdir(parents=True, exist_ok=True)
 

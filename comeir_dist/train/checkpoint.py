@@ -1,18 +1,26 @@
-"""Complete, atomic, world-size-independent run checkpoints: ``run/checkpoints/step-N/``.
+"""Complete, atomic, world-size-independent run checkpoints: ``run/checkpoints/step-N/`` (format 2).
 
-Layout (every rank writes its own pieces; rank 0 writes ``COMMITTED`` LAST, after a barrier)::
+Layout (every rank writes, fsyncs and hashes its own pieces; rank 0 writes ``checksums.json`` and then
+``COMMITTED`` LAST)::
 
   tables/             torch.distributed.checkpoint (DCP) of every table group's DMP state_dict (ShardedTensor
-                      weights) and fused-optimizer state (row-wise Adagrad accumulators); resharded on load
+    .metadata.json    weights) and fused-optimizer state (row-wise Adagrad accumulators); resharded on load. The
+    __R_K.distcp      DCP metadata is JSON (``safe_dcp``), never a pickle; the blobs load with weights_only=True
   dense/part-R.pt     full fp32 master weights + AdamW exp_avg / exp_avg_sq of the trainable dense parameters
-                      i with i % N == R (N = ranks that wrote it), assembled from the ZeRO partitions
-  dense/frozen.pt     frozen parameters (rank 0)
-  dense/scheduler.pt  LR scheduler state
-  rng/rank-R.pt       python / numpy / torch (/ cuda) RNG states of rank R
+                      i with i % N == R (N = ranks that wrote it), assembled from the ZeRO partitions (tensors only,
+                      loaded with weights_only=True)
+  dense/frozen.pt     frozen parameters (rank 0; informational, never loaded)
+  dense/scheduler.json  LR scheduler state (JSON)
+  rng/rank-R.json     python / numpy / torch (/ cuda) RNG states of rank R (JSON, ``rng_state``)
   state.json          step, data-loader position (global: epoch, sample offset), AdamW step count, early-stopping
-                      state and validation history, world size, ZeRO stage, the RunConfig, hash multipliers,
-                      SID-table fingerprint, table column layouts
-  COMMITTED           written last; resume only trusts directories that have it
+                      state, validation history and the running loss window of the log, world size, ZeRO stage, the
+                      RunConfig, hash multipliers, SID-table fingerprint, table column layouts
+  checksums.json      sha256 and size of every file above (``checkpoint_integrity``), fsynced before COMMITTED
+  COMMITTED           written last (fsynced, then the directory); resume only trusts directories that have it
+
+Resume verifies the checksums first (``checkpoint_dirs.choose_resume``): a damaged newest step is reported and the
+newest intact committed one is used. Nothing in the directory is unpickled. Format-1 checkpoints (pickled
+``.metadata``, ``scheduler.pt``, ``rng/rank-R.pt``, no checksums) are refused with one line.
 
 Loading with M ranks a checkpoint written by N ranks:
 
@@ -34,82 +42,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import re
 import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import torch
 
 from comeir_dist.errors import UserError
+from comeir_dist.train import checkpoint_integrity as integrity
+from comeir_dist.train import rng_state
+from comeir_dist.train.checkpoint_dirs import (COMMIT, checkpoints_root, latest_committed, retain,  # noqa: F401
+                                               retire, set_aside, step_dirs, step_of)
+from comeir_dist.train.safe_dcp import METADATA_FILE, JsonMetadataReader, JsonMetadataWriter
 
 log = logging.getLogger(__name__)
-COMMIT = "COMMITTED"
-FORMAT = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-# ---- discovery / retention ------------------------------------------------------------------------------
-def checkpoints_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dirs(run_dir: Path) -> list[tuple[int, Path, bool]]:
-    """(step, dir, committed) of every ``step-N`` dir, ascending by step."""
-    root = checkpoints_root(run_dir)
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_RE.match(d.name)
-            if m and d.is_dir():
-                out.append((int(m.group(1)), d, (d / COMMIT).is_file()))
-    return sorted(out)
-
-
-def latest_committed(run_dir: Path) -> Path | None:
-    """Newest committed step checkpoint; partial ones (no COMMITTED) are ignored."""
-    done = [d for _, d, ok in step_dirs(run_dir) if ok]
-    return done[-1] if done else None
-
-
-def set_aside(run_dir: Path) -> Path:
-    """Rename ``run/checkpoints`` to ``run/checkpoints.stale-<time>`` (a fresh start must not mix with them)."""
-    import time
-
-    root = checkpoints_root(run_dir)
-    dst = root.with_name(f"checkpoints.stale-{int(time.time())}")
-    os.rename(root, dst)
-    return dst
-
-
-def _retain(run_dir: Path, keep: int) -> None:
-    dirs = step_dirs(run_dir)
-    committed = [d for _, d, ok in dirs if ok]
-    for d in committed[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
-    for _, d, ok in dirs:
-        if not ok:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-# ---- RNG ---------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
+FORMAT = 2
 
 
 # ---- sharded tables (DCP) -----------------------------------------------------------------------------------
@@ -161,12 +110,27 @@ def table_layouts(tables) -> dict:
     return out
 
 
-def save_tables(tables, path: Path) -> None:
+def save_tables(tables, path: Path) -> list[str]:
+    """Collective DCP save with JSON metadata; returns the file names (relative to ``path``) this rank wrote."""
     import torch.distributed.checkpoint as dcp
 
     flat, _ = _tables_state(tables)
+    writer = JsonMetadataWriter(path)
     with _quiet():
-        dcp.save(flat, checkpoint_id=str(path))
+        dcp.save(flat, storage_writer=writer)
+    return list(writer.written)
+
+
+def _dcp_reader(path: Path) -> JsonMetadataReader:
+    return JsonMetadataReader(str(path))
+
+
+def read_tables_metadata(path: Path):
+    """The DCP ``Metadata`` of a ``tables/`` dir (parsed from JSON); UserError when unreadable."""
+    try:
+        return _dcp_reader(path).read_metadata()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _convert_rowwise(saved: torch.Tensor, rows: int, old_cols: list, new_cols: list, shard_index: int) -> torch.Tensor:
@@ -191,7 +155,7 @@ def load_tables(tables, path: Path, saved_layout: dict) -> list[str]:
     if set(saved_layout) != set(cur_layout):
         raise UserError(f"{path}: table groups differ from the model ({sorted(saved_layout)[:3]} vs "
                         f"{sorted(cur_layout)[:3]})")
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = read_tables_metadata(path).state_dict_metadata
     missing = [k for k in flat if k not in meta]
     if missing:
         raise UserError(f"{path}: checkpoint lacks table state {missing[:3]} (Engram config changed?)")
@@ -213,7 +177,7 @@ def load_tables(tables, path: Path, saved_layout: dict) -> list[str]:
                 kind = "merged exactly" if len(lay["cols"]) < len(old["cols"]) else "split (approximate)"
                 notes.append(f"{key}: {len(old['cols'])} -> {len(lay['cols'])} column shards, row-wise state {kind}")
     with _quiet():
-        dcp.load(flat, checkpoint_id=str(path))
+        dcp.load(flat, storage_reader=_dcp_reader(path))
         for key, (st, old_cols, new_cols, rows) in converted.items():
             assert isinstance(st, ShardedTensor)
             for shard in st.local_shards():
@@ -223,56 +187,111 @@ def load_tables(tables, path: Path, saved_layout: dict) -> list[str]:
 
 
 # ---- the whole run state ----------------------------------------------------------------------------------
+def _scheduler_json(state: dict) -> str:
+    try:
+        return json.dumps(state)
+    except (TypeError, ValueError) as exc:  # a scheduler whose state is not plain data cannot be stored pickle-free
+        raise TypeError(f"LR scheduler state is not JSON-serialisable: {exc}") from None
+
+
 def save_run_checkpoint(run_dir: Path, step: int, *, env, model, dense, cfg, sampler_state: dict, loop_state: dict,
-                        frozen: dict, sid_fingerprint: str, keep: int) -> Path:
-    """Collective: every rank calls it. Returns ``run/checkpoints/step-N`` (committed)."""
+                        frozen: dict, sid_fingerprint: str) -> Path:
+    """Collective: every rank calls it. Returns ``run/checkpoints/step-N``, committed: every file fsynced and listed
+    with its sha256 in ``checksums.json`` before ``COMMITTED``. Retention is separate (:func:`retain`)."""
+    from comeir_dist.parallel.dist_env import all_gather_object
     from comeir_dist.train.checkpoint_simple import hash_state
 
     d = checkpoints_root(run_dir) / f"step-{step}"
     if env.is_main:
-        if d.exists():
-            shutil.rmtree(d)  # a partial (or superseded) write of the same step
+        if d.exists():  # a partial (or superseded) write of the same step: renamed first, never looks committed again
+            shutil.rmtree(retire(d, "deleting"), ignore_errors=True)
         for sub in ("dense", "rng"):
             (d / sub).mkdir(parents=True)
     env.barrier()
+    mine: list[str] = []
     has_tables = hasattr(model, "tables")
     if has_tables:
-        save_tables(model.tables, d / "tables")
+        mine += [f"tables/{name}" for name in save_tables(model.tables, d / "tables")]
     parts = dense.full_state_parts(env.rank, env.world_size)
     torch.save(parts, d / "dense" / f"part-{env.rank:05d}.pt")
-    torch.save(rng_state(), d / "rng" / f"rank-{env.rank:05d}.pt")
+    (d / "rng" / f"rank-{env.rank:05d}.json").write_text(json.dumps(rng_state.capture()))
+    mine += [f"dense/part-{env.rank:05d}.pt", f"rng/rank-{env.rank:05d}.json"]
     layout = table_layouts(model.tables) if has_tables else {}
     if env.is_main:
         torch.save(frozen, d / "dense" / "frozen.pt")
-        torch.save(dense.scheduler_state(), d / "dense" / "scheduler.pt")
+        (d / "dense" / "scheduler.json").write_text(_scheduler_json(dense.scheduler_state()))
         state = {"format": FORMAT, "step": step, "world_size": env.world_size, "sampler": sampler_state,
                  "loop": loop_state, "optimizer_step": dense.optimizer_step_count(), "zero_stage": dense.stage,
                  "bf16": bool(cfg.train.bf16), "config": cfg.model_dump(mode="json"),
                  "sid_fingerprint": sid_fingerprint, "hash_multipliers": hash_state(model), "table_layout": layout,
                  "dense_parts": env.world_size, "variant": cfg.model.variant}
         (d / "state.json").write_text(json.dumps(state, indent=1))
-    env.barrier()  # every rank's files are on disk
+        mine += ["dense/frozen.pt", "dense/scheduler.json", "state.json"]
+    described = integrity.describe(d, mine)  # this rank's files: fsynced, then hashed
+    gathered = all_gather_object(described, env)  # also: every rank's files are on disk
     if env.is_main:
-        tmp = d / f".{COMMIT}.tmp"
-        tmp.write_text(str(step))
-        os.replace(tmp, d / COMMIT)
-        _retain(run_dir, keep)
+        files = {k: v for part in gathered for k, v in part.items()}
+        integrity.write_checksums(d, files)
+        integrity.durable_write_text(d / COMMIT, str(step))
+        integrity.fsync_dir(d.parent)
     env.barrier()
     return d
+
+
+def required_files(state: dict) -> list[str]:
+    """Files a format-2 step dir must list in ``checksums.json`` (from its state.json)."""
+    req = ["state.json", "dense/scheduler.json"]
+    req += [f"dense/part-{r:05d}.pt" for r in range(int(state["dense_parts"]))]
+    req += [f"rng/rank-{r:05d}.json" for r in range(int(state["world_size"]))]
+    if state.get("table_layout"):
+        req.append(f"tables/{METADATA_FILE}")
+    return req
+
+
+def verify_step(path: Path) -> Optional[str]:
+    """None when ``path`` is an intact format-2 step checkpoint, else a one-line problem naming the bad file."""
+    path = Path(path)
+    problem = integrity.verify(path)
+    if problem is not None:
+        return problem
+    try:
+        state = json.loads((path / "state.json").read_text())
+        req = required_files(state)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state.json: malformed"
+    if state.get("format") != FORMAT:
+        return f"state.json: format {state.get('format')}, expected {FORMAT}"
+    listed = integrity.read_checksums(path) or {}
+    missing = [f for f in req if f not in listed]
+    return f"{missing[0]}: not listed in {integrity.CHECKSUMS}" if missing else None
+
+
+def choose_resume(run_dir: Path, resume_from: Optional[Path], resume: Optional[bool]) -> Optional[Path]:
+    """See :func:`comeir_dist.train.checkpoint_dirs.choose_resume` (checksums verified by :func:`verify_step`)."""
+    from comeir_dist.train.checkpoint_dirs import choose_resume as choose
+
+    return choose(run_dir, resume_from, resume, verify_step, FORMAT)
 
 
 def read_state(path: Path) -> dict:
     path = Path(path)
     if not (path / COMMIT).is_file():
         raise UserError(f"{path}: not a committed checkpoint (missing {COMMIT})")
-    return json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path / 'state.json'}: unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path / 'state.json'}: malformed")
+    return state
 
 
 def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, n_samples: int) -> None:
     from comeir_dist.train.checkpoint_simple import hash_state
 
     if state.get("format") != FORMAT:
-        raise UserError(f"{path}: checkpoint format {state.get('format')} is not supported (expected {FORMAT})")
+        raise UserError(f"{path}: checkpoint format {state.get('format')} is not supported (expected {FORMAT}; "
+                        f"format 1 stored pickles and is refused)")
     if state["sid_fingerprint"] != sid_fingerprint:
         raise UserError(f"{path}: checkpoint was trained on another SID table")
     if state["hash_multipliers"] != hash_state(model):
@@ -287,9 +306,26 @@ def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, 
         raise UserError(f"{path}: the dataset has {n_samples} training samples, the checkpoint {state['sampler']['n']}")
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc.__class__.__name__})") from None
+
+
+def _scheduler_state(path: Path, current: dict) -> dict:
+    """The saved scheduler state, restricted to the keys the current scheduler has (plain data only)."""
+    st = _read_json(path)
+    if not isinstance(st, dict) or set(st) - set(current):
+        raise UserError(f"{path}: not a scheduler state of this run (keys {sorted(st)[:5] if isinstance(st, dict) else st!r})")
+    st["lr_lambdas"] = [None] * len(current.get("lr_lambdas", []))  # functions are never restored from data
+    return st
+
+
 def load_run_checkpoint(path: Path, *, env, model, dense, zero_step) -> dict:
     """Restore tables, dense weights + optimizer, scheduler and RNG; returns the saved state.json.
-    Collective: every rank calls it. Call :func:`check_compatible` first."""
+    Collective: every rank calls it. Verify (:func:`choose_resume` / :func:`verify_step`) and call
+    :func:`check_compatible` first. Loads no pickle: JSON, DCP with JSON metadata, ``weights_only`` tensors."""
     path = Path(path)
     state = read_state(path)
     if hasattr(model, "tables"):
@@ -304,11 +340,15 @@ def load_run_checkpoint(path: Path, *, env, model, dense, zero_step) -> dict:
             moments[k].update(part.get(k, {}))
     has_moments = all(len(moments[k]) == len(params) for k in moments) and len(params) > 0
     dense.load_full_state(params, moments if has_moments else None, int(state["optimizer_step"]), zero_step)
-    dense.load_scheduler_state(torch.load(path / "dense" / "scheduler.pt", weights_only=False))
+    dense.load_scheduler_state(_scheduler_state(path / "dense" / "scheduler.json", dense.scheduler_state()))
     saved_world = int(state["world_size"])
     if saved_world != env.world_size:
         log.warning("resume: checkpoint written by %d ranks, running on %d: tables resharded, dense weights and "
                     "AdamW moments restored in full, data position continues at global sample %s; rank r uses the "
                     "RNG state of saved rank r mod %d", saved_world, env.world_size, state["sampler"], saved_world)
-    set_rng_state(torch.load(path / "rng" / f"rank-{env.rank % saved_world:05d}.pt", weights_only=False))
+    rng_path = path / "rng" / f"rank-{env.rank % saved_world:05d}.json"
+    try:
+        rng_state.restore(_read_json(rng_path))
+    except ValueError as exc:
+        raise UserError(f"{rng_path}: {exc}") from None
     return state

@@ -1,21 +1,29 @@
 """Single-process checkpoints of a trained model: dense state, full Engram tables, config and identity.
 
 Layout of a checkpoint dir (written to a temp dir, renamed at the end; ``COMMITTED`` written last):
-  dense.pt      model.state_dict() without the sparse tables
-  tables.pt     {group: {key: full table}} (assembled from shards) -- ComeIR only
-  meta.json     {"config": RunConfig, "step", "metrics", "sid_fingerprint", "hash_multipliers", ...}
+  dense.pt        model.state_dict() without the sparse tables (tensors only)
+  tables.pt       {group: {key: full table}} (assembled from shards) -- ComeIR only (tensors only)
+  meta.json       {"config": RunConfig, "step", "metrics", "sid_fingerprint", "hash_multipliers", ...}
+  checksums.json  sha256 and size of the three files above; every file is fsynced before COMMITTED
+
+Loading never unpickles: ``torch.load(weights_only=True)`` for the tensors, JSON for the rest; the checksums are
+verified before ``torch.load`` (a mismatch is a one-line UserError). A ``best/`` written before checksums existed
+has no ``checksums.json``: it still loads (the same weights-only path), with a warning that it is unverified.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from comeir_dist.errors import UserError
+from comeir_dist.train import checkpoint_integrity as integrity
 from comeir_dist.utils.atomic import atomic_dir
 
 COMMIT = "COMMITTED"
+log = logging.getLogger(__name__)
 
 
 def dense_state(model: torch.nn.Module) -> dict:
@@ -41,7 +49,7 @@ def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_finger
     tables = full_tables_state(model.tables) if hasattr(model, "tables") else None
     if not write:
         return path
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=True) as tmp:  # best/ is written whole by comeir
         torch.save(dense if dense is not None else dense_state(model), tmp / "dense.pt")
         if tables is not None:
             torch.save(tables, tmp / "tables.pt")
@@ -49,14 +57,30 @@ def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_finger
                 "sid_fingerprint": sid_fingerprint, "variant": cfg.model.variant,
                 "hash_multipliers": hash_state(model)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / COMMIT).write_text(str(step))
+        files = ["dense.pt", "meta.json"] + (["tables.pt"] if tables is not None else [])
+        integrity.write_checksums(tmp, integrity.describe(tmp, files))  # fsynced and hashed before the commit
+        integrity.durable_write_text(tmp / COMMIT, str(step))
+    integrity.fsync_dir(Path(path).parent)
     return path
+
+
+def _verify(path: Path, only=None) -> None:
+    """UserError naming the bad file when a checksum does not match (before anything is deserialised)."""
+    if not (path / integrity.CHECKSUMS).is_file():
+        log.warning("%s: no %s (written before checksums); loading it unverified (weights-only)", path,
+                    integrity.CHECKSUMS)
+        return
+    problem = integrity.verify(path, only=only)
+    if problem is not None:
+        raise UserError(f"{path}: damaged checkpoint: {problem}")
 
 
 def read_meta(path: Path) -> dict:
     path = Path(path)
     if not (path / "meta.json").is_file() or not (path / COMMIT).is_file():
         raise UserError(f"{path}: not a committed checkpoint (missing meta.json or {COMMIT})")
+    if (path / integrity.CHECKSUMS).is_file():
+        _verify(path, only=["meta.json"])
     try:
         return json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError as exc:
@@ -73,6 +97,7 @@ def load_checkpoint_into(path: Path, model, meta: dict, sid_fingerprint: str) ->
                         f"{meta['sid_fingerprint'][:12]} != dataset's {sid_fingerprint[:12]})")
     if meta.get("hash_multipliers", {}) != hash_state(model):
         raise UserError(f"{path}: Engram hash multipliers/table sizes differ from the config")
+    _verify(path)  # every file, before torch.load
     missing, unexpected = model.load_state_dict(torch.load(path / "dense.pt", weights_only=True), strict=False)
     missing = [k for k in missing if not k.startswith("tables.")]
     if missing or unexpected:

@@ -1,7 +1,6 @@
 """``RUN/train_curves.png``: training loss and validation metrics against the step, from ``train_log.jsonl``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -11,10 +10,9 @@ VALID_KEYS = ("item/ndcg@10", "item/hit@10")
 def read_train_log(path: Path) -> tuple[list[dict], list[dict]]:
     """(loss records, validation records) of a run's ``train_log.jsonl``."""
     losses, valid = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    from comeir_dist.utils import jsonl
+
+    for rec in jsonl.read(path):  # a torn last line (interrupted append) is skipped with a warning
         if "loss" in rec:
             losses.append(rec)
         elif "valid" in rec:

@@ -1,65 +1,158 @@
-"""`comeir experiment`: the same data, SIDs, backbone and budget for each variant x seed; a results table."""
+"""`comeir experiment`: the same data, SIDs, backbone and budget rules for each variant x seed; a results table.
+
+Resumable across invocations and machines: every finished run writes ``OUT/results/<label>-seed<N>.json``
+(small, meant to be committed) holding its test metrics, validation curve summary and a hash of the run
+config. A rerun with the same config skips it; the table is built from every result file under
+``OUT/results``, so a 3-seed table can be assembled over several invocations (``--label`` + ``--set``
+add variants with other settings, e.g. ComeIR at another memory size, to the same table).
+``popular`` is the most-popular-unseen-items baseline (no training; one deterministic run).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
 from pathlib import Path
 
 from comeir_dist.config.run import RunConfig
-from comeir_dist.eval.run_eval import run_evaluate
-from comeir_dist.train.loop import train
+from comeir_dist.errors import UserError
 from comeir_dist.utils.atomic import atomic_file, write_json
+from comeir_dist.utils.output_guard import claim_out_dir
 
 log = logging.getLogger(__name__)
-COLUMNS = ("item/hit@5", "item/ndcg@5", "item/hit@10", "item/ndcg@10", "sid/hit@10", "sid/ndcg@10")
+COLUMNS = ("item/hit@5", "item/ndcg@5", "item/hit@10", "item/ndcg@10", "sid/ndcg@10")
+POPULAR = "popular"
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Identity of a run's settings (everything but ``out``), so a result file is reused only for its config."""
+    data = cfg.model_dump(mode="json")
+    data.pop("out", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _size(r: dict) -> str:
+    e = r.get("engram") or {}
+    return f"s_S {e['s_s']:g}, s_T {e['s_t']:g}, d_m {e['d_m']}" if r["variant"] == "comeir" and e else "-"
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one line per variant, mean ± std over seeds, plus training minutes and eval ms/user."""
-    head = "| variant | seeds | " + " | ".join(COLUMNS) + " | train min | eval ms/user |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
-    by_variant: dict[str, list[dict]] = {}
+    """Markdown: one line per label, test metrics mean ± std over seeds, validation at the best step (± its
+    standard error over users), best step / epoch, minutes to the best validation, memory size."""
+    present = set.intersection(*(set(r["metrics"]) for r in rows)) if rows else set()
+    columns = [c for c in COLUMNS if c in present]  # eval.ks decides which @K exist (10 always does)
+    head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns)
+            + " | valid ndcg@10 (± s.e.) | best step (epoch) | min to best | eval ms/user |")
+    lines = [head, "|" + "---|" * (len(columns) + 7)]
+    by_label: dict[str, list[dict]] = {}
     for r in rows:
-        by_variant.setdefault(r["variant"], []).append(r)
-    for v, rs in by_variant.items():
+        by_label.setdefault(r["label"], []).append(r)
+    order = sorted(by_label, key=lambda k: -statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[k]))
+    for label in order:
+        rs = by_label[label]
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             m, s = _mean_std([r["metrics"][c] for r in rs])
-            cells.append(f"{m:.4f} ± {s:.4f}")
-        tm, _ = _mean_std([r["train_minutes"] for r in rs])
+            cells.append(f"{m:.4f} ± {s:.4f}" if len(rs) > 1 else f"{m:.4f}")
+        v, _ = _mean_std([r["valid_best"] for r in rs])
+        se, _ = _mean_std([r["valid_best_se"] for r in rs])
+        bs, _ = _mean_std([r["best_step"] for r in rs])
+        be, _ = _mean_std([r["best_epoch"] for r in rs])
+        bm, _ = _mean_std([r["best_minutes"] for r in rs])
         ms, _ = _mean_std([r["ms_per_user"] for r in rs])
-        lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + f" | {tm:.1f} | {ms:.2f} |")
+        lines.append(f"| {label} | {_size(rs[0])} | {len(rs)} | " + " | ".join(cells)
+                     + f" | {v:.4f} ± {se:.4f} | {bs:.0f} ({be:.2f}) | {bm:.1f} | {ms:.2f} |")
     return "\n".join(lines)
 
 
-def run_experiment(cfg: RunConfig, variants: list[str], seeds: int) -> str:
-    """Train/evaluate every (variant, seed) under ``cfg.out``; finished runs (with test.json) are reused."""
-    root = Path(cfg.out)
+def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunConfig:
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.model.variant = variant
+    run_cfg.seed = seed
+    run_cfg.out = str(run_dir)
+    return RunConfig.model_validate(run_cfg.model_dump())  # variant-specific checks (flatten positions)
+
+
+def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
+    from comeir_dist.eval.run_eval import run_evaluate
+    from comeir_dist.train.loop import train
+
+    train(run_cfg, overwrite=overwrite)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not (run_dir / "best").is_dir():
+        raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")
+    res = run_evaluate(str(run_dir / "best"), "test", str(run_dir / "test.json"))
+    best = [v for v in summary["validation"] if v["step"] == summary["best_step"]]
+    best = best[0] if best else {}
+    return {"metrics": res["metrics"], "ms_per_user": res["ms_per_user"], "steps": summary["steps"],
+            "best_step": summary["best_step"], "best_minutes": summary.get("best_minutes", 0.0),
+            "best_epoch": summary["best_step"] * run_cfg.train.batch_size / max(1, summary.get("train_samples", 1)),
+            "train_minutes": summary["train_minutes"], "stop_reason": summary["stop_reason"],
+            "valid_best": summary["best_valid_ndcg@10"], "valid_best_se": best.get("se/item/ndcg@10", 0.0),
+            "validation": [{"step": v["step"], "item/ndcg@10": v["item/ndcg@10"]} for v in summary["validation"]]}
+
+
+def _popular(run_cfg: RunConfig) -> dict:
+    from comeir_dist.eval.popular import popular_metrics
+
+    test = popular_metrics(run_cfg, "test")
+    valid = popular_metrics(run_cfg, "valid")
+    return {"metrics": test, "ms_per_user": 0.0, "steps": 0, "best_step": 0, "best_minutes": 0.0, "best_epoch": 0.0,
+            "train_minutes": 0.0, "stop_reason": "no training", "valid_best": valid["item/ndcg@10"],
+            "valid_best_se": valid.get("se/item/ndcg@10", 0.0), "validation": []}
+
+
+def load_results(root: Path) -> list[dict]:
     rows = []
+    for p in sorted((root / "results").glob("*.json")):
+        try:
+            rows.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{p}: unreadable result file ({exc}); move it away to rerun that run") from None
+    return rows
+
+
+def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str | None = None,
+                   overwrite: bool = False) -> str:
+    """Train/evaluate every (variant, seed) under ``cfg.out``; finished runs (result files) are reused."""
+    if label and len(variants) > 1:
+        raise UserError(f"--label {label!r} names one variant, got --variants {','.join(variants)}")
+    root = Path(cfg.out)
+    # a dir holding other content (or another kind of output) is refused unless overwrite; nothing is deleted
+    claim_out_dir(root, "experiment", None, "comeir experiment", overwrite=overwrite)
+    (root / "results").mkdir(parents=True, exist_ok=True)
     for seed in range(cfg.seed, cfg.seed + seeds):
         for variant in variants:
-            run_dir = root / f"{variant}-seed{seed}"
-            result_path = run_dir / "test.json"
-            if not result_path.is_file():
-                run_cfg = cfg.model_copy(deep=True)
-                run_cfg.model.variant = variant
-                run_cfg.seed = seed
-                run_cfg.out = str(run_dir)
-                RunConfig.model_validate(run_cfg.model_dump())  # variant-specific checks (flatten positions)
-                train(run_cfg)
-                run_evaluate(str(run_dir / "best"), "test", str(result_path))
-            res = json.loads(result_path.read_text())
-            summary = json.loads((run_dir / "summary.json").read_text())
-            rows.append({"variant": variant, "seed": seed, "metrics": res["metrics"], "ms_per_user": res["ms_per_user"],
-                         "train_minutes": summary["train_minutes"], "steps": summary["steps"]})
-            log.info("%s seed %d: item/ndcg@10 %.4f", variant, seed, res["metrics"]["item/ndcg@10"])
+            if variant == POPULAR and seed != cfg.seed:
+                continue  # deterministic: one run
+            name = label or variant
+            key = f"{name}-seed{seed}"
+            run_dir = root / key
+            run_cfg = _run_config(cfg, "comeir" if variant == POPULAR else variant, seed, run_dir)
+            h = config_hash(run_cfg)
+            result_path = root / "results" / f"{key}.json"
+            if result_path.is_file():
+                old = json.loads(result_path.read_text())
+                if old.get("config_hash") == h:
+                    log.info("%s: finished earlier (%s), skipped", key, result_path)
+                    continue
+                raise UserError(f"{result_path}: a result for {key} with a different config exists "
+                                f"(hash {old.get('config_hash')} vs {h}); use --label to name this setting")
+            res = _popular(run_cfg) if variant == POPULAR else _train_and_test(run_cfg, run_dir, overwrite)
+            row = {"label": name, "variant": variant, "seed": seed, "config_hash": h,
+                   "engram": run_cfg.engram.model_dump(mode="json") if variant == "comeir" else None,
+                   "model": run_cfg.model.model_dump(mode="json"), "train": run_cfg.train.model_dump(mode="json"),
+                   **res}
+            write_json(result_path, row)
+            log.info("%s: test item/ndcg@10 %.4f", key, res["metrics"]["item/ndcg@10"])
+    rows = load_results(root)
     table = format_table(rows)
-    write_json(root / "results.json", {"config": cfg.model_dump(mode="json"), "runs": rows})
+    write_json(root / "results.json", {"runs": rows})
     with atomic_file(root / "results.md") as tmp:
         tmp.write_text(table + "\n")
     return table

@@ -28,7 +28,6 @@ One code path for every world size:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,15 +42,17 @@ from comeir_dist.config.run import RunConfig
 from comeir_dist.errors import UserError
 from comeir_dist.eval.evaluate import evaluate_arrays
 from comeir_dist.eval.metrics import MetricSums
-from comeir_dist.parallel.dense import lr_factor  # noqa: F401  (re-exported: the schedule of every run)
+from comeir_dist.train.schedule import lr_factor, resolve_budget  # noqa: F401  (lr_factor re-exported)
 from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduce_sum, broadcast_object,
                                             init_distributed)
 from comeir_dist.train import checkpoint as ckpt
+from comeir_dist.train import train_log
 from comeir_dist.train.checkpoint_simple import save_checkpoint
 from comeir_dist.train.samples import EpochSampler, split_samples, training_samples
 from comeir_dist.train.setup import (build_sharded_model, check_memory_plan, dense_parameters, load_inputs,
                                     seed_everything)
 from comeir_dist.utils.atomic import write_json
+from comeir_dist.utils.output_guard import guard_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,23 @@ def _plot_curves(out: Path, title: str) -> None:
 
 
 def train(cfg: RunConfig, on_checkpoint: Optional[Callable[[int, Path, dict], None]] = None,
-          resume_from: Optional[Path] = None) -> Path:
+          resume_from: Optional[Path] = None, overwrite: bool = False) -> Path:
     """Train one model; returns the run dir holding ``best/`` (checkpoint), ``train_log.jsonl``, ``summary.json``
     (and ``checkpoints/step-N`` with ``parallel.checkpoint_every``). Call it on every rank.
 
     ``on_checkpoint(step, step_dir, metrics)`` runs on every rank after each committed step checkpoint (Ray
     Train reports it). ``resume_from``: a committed step dir to resume from instead of the newest one under
-    ``cfg.out`` (a restarted Ray Train worker group resumes from the checkpoint Ray recorded)."""
+    ``cfg.out`` (a restarted Ray Train worker group resumes from the checkpoint Ray recorded). ``overwrite``:
+    accept an out dir holding content comeir did not write (nothing is deleted; see utils.output_guard)."""
     env = init_distributed(cfg.device, cfg.parallel.backend)
     try:
-        return _train(cfg, env, on_checkpoint, resume_from)
+        return _train(cfg, env, on_checkpoint, resume_from, overwrite)
     finally:
         env.shutdown()
 
 
-def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Optional[Path] = None) -> Path:
+def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Optional[Path] = None,
+           overwrite: bool = False) -> Path:
     tc, pc = cfg.train, cfg.parallel
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -138,21 +141,22 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                     env.world_size, env.world_size)
     device, world, rank = env.device, env.world_size, env.rank
     out = Path(cfg.out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    guard_run_dir(cfg, env, overwrite)  # refuses a dir holding other content unless overwrite; writes the marker
 
     seed_everything(cfg.seed)  # identical dense initialisation on every rank
     sids, emb = load_inputs(cfg)
     plan = check_memory_plan(cfg, world, device.type, num_items=len(emb), item_emb_dim=emb.shape[1])
     if plan is not None and env.is_main:
         log.info(plan.message())
-    from comeir_dist.parallel.engram_tables import sparse_grad_scale
+    from comeir_dist.parallel.engram_tables import set_sparse_lr, sparse_grad_scale
 
     model = build_sharded_model(cfg, sids, emb, device, plan=pc.sharding, column_shards=pc.column_shards,
                                 grad_scale=sparse_grad_scale(world), init_seed=cfg.seed)
     seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout), independent of the sharding
     model.train()
     hist, target = training_samples(cfg.dataset, cfg.max_history)
+    cfg = resolve_budget(cfg, len(target))  # max_epochs / eval_every_epochs -> steps
+    tc = cfg.train
     val_hist, val_target = validation_subset(cfg)
     params = dense_parameters(model)
     # state-dict key -> canonical parameter name of the trainable parameters (shared modules, e.g. the Engram
@@ -164,6 +168,12 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     frozen = {k: v.detach().cpu().clone() for k, v in sd_vars.items() if k not in aliases}
     del sd_vars
     per_rank = math.ceil(tc.batch_size / tc.grad_accum_steps / world)  # one micro-batch
+    freeze_epochs = cfg.engram.sparse_freeze_epochs
+    freeze_step = math.ceil(freeze_epochs * len(target) / tc.batch_size) if freeze_epochs else math.inf
+
+    def sparse_rate(at_step: int) -> float:
+        """Table learning rate after ``at_step`` optimizer steps: 0 once frozen, else sparse_lr x plateau scale."""
+        return 0.0 if at_step >= freeze_step else cfg.engram.sparse_lr * dense.plateau.scale
 
     from comeir_dist.parallel.dense import DenseEngine
 
@@ -182,23 +192,15 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     # ---- resume ---------------------------------------------------------------------------------------
     loop = {"best": -1.0, "best_step": 0, "bad": 0, "history": [], "elapsed_s": 0.0, "stop_reason": None}
     step = 0
-    latest = None
-    if resume_from is not None and not (Path(resume_from) / ckpt.COMMIT).is_file():  # checked on every rank
-        raise UserError(f"resume checkpoint {resume_from} is not committed (no {ckpt.COMMIT} marker)")
-    if env.is_main:  # rank 0 decides, every rank follows (the ranks must agree)
-        latest = ckpt.latest_committed(out)
-        if resume_from is not None:
-            if latest is not None and latest != Path(resume_from):
-                log.warning("resuming from %s (the recorded checkpoint), not the newest on disk %s", resume_from, latest)
-            latest = Path(resume_from)
-        if pc.resume is False and latest is not None:
-            stale = ckpt.set_aside(out)
-            log.warning("parallel.resume: false -- moved the existing checkpoints to %s, starting from scratch", stale)
-            latest = None
-        if pc.resume and latest is None:
-            log.warning("parallel.resume: no committed checkpoint under %s; starting from scratch",
-                        out / "checkpoints")
-    latest = broadcast_object(None if latest is None else str(latest), env)
+    latest, problem = None, None
+    if env.is_main:  # rank 0 decides (checksums verified, damaged steps skipped), every rank follows
+        try:
+            latest = ckpt.choose_resume(out, resume_from, pc.resume)
+        except UserError as exc:
+            problem = str(exc)
+    latest, problem = broadcast_object((None if latest is None else str(latest), problem), env)
+    if problem:
+        raise UserError(problem)
     latest = None if latest is None else Path(latest)
     if latest is not None:
         state = ckpt.read_state(latest)
@@ -208,29 +210,39 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         sampler = EpochSampler(len(target), tc.batch_size, cfg.seed, epoch=state["sampler"]["epoch"],
                                offset=state["sampler"]["offset"])
         loop.update(state["loop"])
+        dense.plateau.scale = float(loop.get("lr_scale", 1.0))
+        if dense.plateau.scale != 1.0 or step >= freeze_step:
+            set_sparse_lr(model, sparse_rate(step))
         if env.is_main:
             log.info("resumed from %s (step %d, saved by %d ranks, now %d)", latest, step, state["world_size"], world)
 
-    log_path = out / "train_log.jsonl"
-    if env.is_main:
-        lines = log_path.read_text().splitlines() if (latest is not None and log_path.is_file()) else []
-        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
-        log_path.write_text("".join(l + "\n" for l in kept))
+    log_path = train_log.path_of(out)
+    if env.is_main:  # cut back to the resumed step (atomic rewrite; a torn last line is dropped)
+        train_log.keep_until(log_path, step if latest is not None else None)
         log.info("%s: %d training samples, %d dense parameters, %d rank(s), device %s, ZeRO %d", cfg.model.variant,
                  len(target), n_dense, world, device, dense.stage)
 
     def sampler_state() -> dict:
         return {**sampler.state(), "n": len(target), "seed": cfg.seed}
 
+    # steps Ray Train may hand back to a restarted group: the last reported one (or the one resumed from) until the
+    # report of a newer one has returned -- registration is asynchronous, so retention must not delete it earlier
+    handed_back = [step] if latest is not None else []
+
     def save_step_checkpoint():
         loop["elapsed_s"] = elapsed()
+        loop["log_window"] = {"loss_sum": loss_sum, "loss_n": loss_n, "seen": seen, "seconds": time.time() - t_log}
         d = ckpt.save_run_checkpoint(out, step, env=env, model=model, dense=dense, cfg=cfg,
                                      sampler_state=sampler_state(), loop_state=loop, frozen=frozen,
-                                     sid_fingerprint=sids.fingerprint, keep=pc.keep_checkpoints)
+                                     sid_fingerprint=sids.fingerprint)
         if on_checkpoint is not None:
             last = loop["history"][-1] if loop["history"] else {}
             on_checkpoint(step, d, {"step": step, "best_valid_ndcg@10": loop["best"], "sid_fingerprint":
                                     sids.fingerprint, **{k: v for k, v in last.items() if k.startswith("item/")}})
+        if env.is_main:
+            ckpt.retain(out, pc.keep_checkpoints, protect=[step, *handed_back[-1:]] if on_checkpoint else [step])
+        if on_checkpoint is not None:
+            handed_back.append(step)
 
     def save_best(metrics: dict):
         weights = dense.full_weights()  # fp32 master weights (collective)
@@ -243,7 +255,9 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         return time.time() - t0
 
     budget = tc.max_minutes * 60 if tc.max_minutes else float("inf")
-    seen, loss_sum, loss_n, t_log = 0, 0.0, 0, time.time()
+    window = loop.get("log_window") or {}  # the running loss window survives a resume (log_every vs checkpoint_every)
+    seen, loss_sum, loss_n = int(window.get("seen", 0)), float(window.get("loss_sum", 0.0)), int(window.get("loss_n", 0))
+    t_log = time.time() - float(window.get("seconds", 0.0))
     bar = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.model.variant}", unit="step", mininterval=2.0,
                disable=not env.is_main)
     stop_reason = loop.get("stop_reason") or "max_steps"
@@ -257,6 +271,10 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             dense.backward_step(loss * weight)
             local += float(loss.detach()) * (len(mine) if weight else 0)
         step += 1
+        if step == freeze_step:
+            set_sparse_lr(model, 0.0)
+            if env.is_main:
+                log.info("step %d: Engram tables frozen (engram.sparse_freeze_epochs=%g)", step, freeze_epochs)
         loss_global = all_reduce_sum([local], env)[0] / len(idx)
         seen += len(idx)
         loss_sum, loss_n = loss_sum + loss_global, loss_n + 1
@@ -266,8 +284,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             rec = {"step": step, "loss": loss_sum / loss_n, "samples_per_s": seen / max(dt, 1e-9), "lr": dense.lr,
                    "elapsed_s": elapsed()}
             if env.is_main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                train_log.append(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
             seen, loss_sum, loss_n, t_log = 0, 0.0, 0, time.time()
         out_of_time = elapsed() > budget
@@ -278,12 +295,17 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             ndcg = m["item/ndcg@10"]
             loop["history"].append({"step": step, "elapsed_s": elapsed(), **m})
             if env.is_main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "valid": m}) + "\n")
+                train_log.append(log_path, {"step": step, "valid": m})
                 log.info("step %d valid item/ndcg@10 %.4f hit@10 %.4f (best %.4f)", step, ndcg, m["item/hit@10"],
                          loop["best"])
-            if ndcg > loop["best"]:
-                loop.update(best=ndcg, best_step=step, bad=0)
+            improved = ndcg > loop["best"]
+            if dense.plateau.after_validation(improved):  # 'plateau' schedule: cool dense AND sparse rates
+                loop["lr_scale"] = dense.plateau.scale
+                set_sparse_lr(model, sparse_rate(step))
+                if env.is_main:
+                    log.info("step %d: no improvement, learning rates scaled to %.3gx", step, dense.plateau.scale)
+            if improved:
+                loop.update(best=ndcg, best_step=step, best_elapsed_s=elapsed(), bad=0)
                 if tc.save_best:
                     save_best(m)
             else:
@@ -307,6 +329,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             log.info("final model, test split: %s", {k: round(v, 4) for k, v in test.items() if k.startswith("item/")})
     if env.is_main:
         summary = {"variant": cfg.model.variant, "steps": step, "best_step": loop["best_step"],
+                   "best_minutes": loop.get("best_elapsed_s", 0.0) / 60, "max_steps": tc.max_steps,
+                   "eval_every": tc.eval_every, "train_samples": len(target),
                    "best_valid_ndcg@10": loop["best"], "train_minutes": elapsed() / 60, "stop_reason": stop_reason,
                    "dense_params": n_dense, "world_size": world, "zero_stage": dense.stage,
                    "global_batch": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps, "per_rank_batch": per_rank,

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from comeir_dist.data.dataset import read_split
+from comeir_dist.errors import UserError
 
 
 def pad_left(seqs: list[list[int]], width: int) -> np.ndarray:
@@ -24,7 +25,31 @@ def training_samples(dataset_dir, max_history: int) -> tuple[np.ndarray, np.ndar
         for j in range(1, len(seq)):
             hist.append(seq[max(0, j - max_history):j])
             tgt.append(seq[j])
+    if not tgt:
+        raise no_training_samples(dataset_dir)
     return pad_left(hist, max_history), np.asarray(tgt, dtype=np.int64)
+
+
+def count_training_samples(dataset_dir) -> int:
+    """Samples :func:`training_samples` yields: sum over users of (train items - 1), without building them."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(read_split(dataset_dir, "train").column("items")).to_numpy(zero_copy_only=False)
+    return int(np.maximum(lengths - 1, 0).sum())
+
+
+def no_training_samples(dataset_dir) -> UserError:
+    return UserError(f"{dataset_dir}/train.parquet: 0 training samples (no user's train sequence has 2 or more items, "
+                     f"i.e. no user has more than 3 interactions); training needs a user with >= 4 items: re-run "
+                     f"`comeir prepare` on more data")
+
+
+def require_training_samples(dataset_dir) -> int:
+    """The training sample count; a one-line UserError when it is 0 (training would divide by zero)."""
+    n = count_training_samples(dataset_dir)
+    if n == 0:
+        raise no_training_samples(dataset_dir)
+    return n
 
 
 def split_samples(dataset_dir, split: str, max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # derived seeds (seed + 7919 * (rank + 1)) may pass numpy's 2**32 limit
     torch.manual_seed(seed)
 
 

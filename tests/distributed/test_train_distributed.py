@@ -75,9 +75,11 @@ def _full_checkpoint(d: Path) -> tuple[dict, dict]:
     """(tables + fused optimizer state, dense weights + AdamW moments) of a step checkpoint, loaded in full."""
     import torch.distributed.checkpoint as dcp
 
-    meta = dcp.FileSystemReader(str(d / "tables")).read_metadata().state_dict_metadata
+    from comeir_dist.train.safe_dcp import JsonMetadataReader
+
+    meta = JsonMetadataReader(str(d / "tables")).read_metadata().state_dict_metadata
     tables = {k: torch.zeros(tuple(v.size), dtype=v.properties.dtype) for k, v in meta.items()}
-    dcp.load(tables, checkpoint_id=str(d / "tables"), no_dist=True)
+    dcp.load(tables, storage_reader=JsonMetadataReader(str(d / "tables")), no_dist=True)
     dense = {}
     for p in sorted((d / "dense").glob("part-*.pt")):
         for kind, values in torch.load(p, weights_only=True).items():

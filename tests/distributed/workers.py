@@ -16,8 +16,8 @@ def run_config(ds: str, out: str, sharding: str, world: int, train: dict | None 
     from tests.fixtures import tiny_run_config
 
     batch, users, eval_batch = SHAPES[sharding]
-    cfg = tiny_run_config(Path(ds), Path(out), max_steps=2 * K, eval_every=2 * K, log_every=1, eval_users=users,
-                          batch_size=batch, **(train or {}))
+    t = {"max_steps": 2 * K, "eval_every": 2 * K, "log_every": 1, "eval_users": users, "batch_size": batch}
+    cfg = tiny_run_config(Path(ds), Path(out), **{**t, **(train or {})})
     cfg.eval.batch_size = eval_batch
     p = cfg.parallel
     p.sharding, p.world_size, p.checkpoint_every, p.keep_checkpoints = sharding, world, K, 2
@@ -78,9 +78,11 @@ def check_column_conversion(rank: int, world: int, ds: str, ckpt: str, out_json:
     model = build_sharded_model(cfg, sids, emb, torch.device("cpu"), plan="column_wise")
     state = read_state(Path(ckpt))
     notes = load_tables(model.tables, Path(ckpt) / "tables", state["table_layout"])
-    meta = dcp.FileSystemReader(str(Path(ckpt) / "tables")).read_metadata().state_dict_metadata
+    from comeir_dist.train.safe_dcp import JsonMetadataReader
+
+    meta = JsonMetadataReader(str(Path(ckpt) / "tables")).read_metadata().state_dict_metadata
     saved = {k: torch.zeros(tuple(v.size), dtype=v.properties.dtype) for k, v in meta.items()}
-    dcp.load(saved, checkpoint_id=str(Path(ckpt) / "tables"), no_dist=True)
+    dcp.load(saved, storage_reader=JsonMetadataReader(str(Path(ckpt) / "tables")), no_dist=True)
     worst_momentum, worst_weight, n = 0.0, 0.0, 0
     for g, dmp in group_dmps(model.tables).items():
         weights = _assemble(dmp.state_dict())
@@ -119,3 +121,60 @@ def torch_device():
     import torch
 
     return torch.device("cpu")
+
+
+def damage(run: Path, ops: list[dict]) -> None:
+    """Break a copied run dir like a crash or a bad disk would: {"torn_log": text} appends a torn line to
+    train_log.jsonl, {"truncate": rel, "step": N} cuts a file of step-N to 16 bytes, {"flip": rel, "step": N} flips
+    one bit in the middle of it."""
+    for op in ops:
+        if "torn_log" in op:
+            with (run / "train_log.jsonl").open("a") as f:
+                f.write(op["torn_log"])
+            continue
+        rel = op.get("truncate") or op.get("flip")
+        p = run / "checkpoints" / f"step-{op['step']}" / rel
+        data = bytearray(p.read_bytes())
+        if "truncate" in op:
+            p.write_bytes(bytes(data[:16]))
+        else:
+            data[len(data) // 2] ^= 0x04
+            p.write_bytes(bytes(data))
+
+
+def record_reports(out_json: str):
+    """An ``on_checkpoint`` that records, at each report, the committed steps on disk (rank 0)."""
+    import torch.distributed as dist
+
+    def on_checkpoint(step, step_dir, metrics):
+        from comeir_dist.train.checkpoint import step_dirs
+
+        if dist.get_rank() == 0:
+            p = Path(out_json)
+            seen = json.loads(p.read_text()) if p.is_file() else []
+            seen.append({"step": step, "on_disk": [s for s, _, ok in step_dirs(step_dir.parent.parent) if ok]})
+            p.write_text(json.dumps(seen))
+    return on_checkpoint
+
+
+def recovery_jobs(rank: int, world: int, jobs: list[dict]) -> None:
+    """Like :func:`train_jobs`, plus per job: "model" / "backbone" overrides, "damage" ops applied (rank 0) after
+    the copy, "reports": a JSON file for :func:`record_reports`."""
+    import torch.distributed as dist
+
+    from comeir_dist.train.loop import train
+
+    for job in jobs:
+        if "copy" in job:
+            if rank == 0:
+                c = job["copy"]
+                copy_until(Path(c["src"]), Path(job["out"]), c["step"])
+                damage(Path(job["out"]), job.get("damage", []))
+            dist.barrier()
+        cfg = run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
+                         **job.get("parallel", {}))
+        for k, v in job.get("model", {}).items():
+            setattr(cfg.model, k, v)
+        for k, v in job.get("backbone", {}).items():
+            setattr(cfg.model.backbone, k, v)
+        train(cfg, on_checkpoint=record_reports(job["reports"]) if "reports" in job else None)

@@ -246,29 +246,51 @@ def test_count_dense_params_matches_a_real_build(tmp_path):
 
 # ---- CLI ------------------------------------------------------------------------------------------
 def run_cli(argv):
-    """`comeir plan ...` through cli.main once the lead registered it; else the same wrapper main() uses."""
+    """`comeir plan ...` through the real `comeir` entry point (cli.main), stdout and stderr captured."""
     from comeir_dist import cli
-    from comeir_dist.cli_plan import add_plan_command
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            ap = cli._build_parser()
-            registered = "plan" in next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
-        except Exception:
-            registered = False
-        if registered:
-            rc = cli.main(["plan", *argv])
-        else:
-            ap = argparse.ArgumentParser(prog="comeir")
-            add_plan_command(ap.add_subparsers(dest="cmd"))
-            args = ap.parse_args(["plan", *argv])
-            try:
-                rc = cli._COMMANDS["plan"](args)
-            except UserError as exc:
-                print(f"comeir plan: error: {exc}", file=sys.stderr)
-                rc = 2
+        rc = cli.main(["plan", *argv])
     return rc, out.getvalue(), err.getvalue()
+
+
+def test_plan_is_registered_on_the_comeir_command():
+    """`comeir` (pyproject console script) is cli.main, and its parser has a `plan` subcommand bound to
+    cli_plan's handler: no fallback wiring in the tests."""
+    import tomllib
+    from pathlib import Path
+
+    from comeir_dist import cli
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["comeir"] == "comeir_dist.cli:main"
+    sub = next(a for a in cli._build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert "plan" in sub.choices
+    assert cli._COMMANDS["plan"].__module__ == "comeir_dist.cli_plan"
+
+
+def test_plan_command_subprocess_exit_codes(tmp_path):
+    """The registered command as a user runs it (`python -m comeir_dist.cli plan`): 0 = fits (JSON on
+    stdout), 1 = does not fit (reason on the last line), 2 = bad value (one line on stderr, no traceback)."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    base = [sys.executable, "-m", "comeir_dist.cli", "plan", "--dense-params", "1000", "--device", "cpu"]
+
+    def run(*argv):
+        return subprocess.run([*base, *argv], cwd=repo, capture_output=True, text=True, timeout=300)
+
+    ok = run("--device-memory", "24", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["fits"] is True
+    tight = run("--device-memory", "0.001", "--reserve", "0")
+    assert tight.returncode == 1 and "DOES NOT FIT" in tight.stdout.strip().splitlines()[-1]
+    bad = run("--device-memory", "inf")  # accepted before floats had to be finite
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("comeir plan: error:")
+    assert "parallel.device_memory_gib" in bad.stderr and "inf" in bad.stderr and "> 0" in bad.stderr
 
 
 @pytest.mark.parametrize("argv,needle", [

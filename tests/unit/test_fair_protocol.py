@@ -1,0 +1,161 @@
+"""The fair experiment protocol: schedules, epoch budgets, standard errors, popular baseline, head extension."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from comeir_dist.errors import UserError
+from comeir_dist.eval.metrics import MetricSums
+from comeir_dist.train.schedule import PlateauScale, lr_factor, resolve_budget
+from tests.fixtures import make_tiny_dataset, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def test_schedules():
+    assert lr_factor(0, 4, 100, "constant") == 0.25
+    assert lr_factor(50, 4, 100, "constant") == 1.0 and lr_factor(500, 4, 100, "constant") == 1.0
+    assert lr_factor(100, 4, 100, "cosine") == pytest.approx(0.1)
+    assert lr_factor(50, 4, 100, "plateau", scale=0.25) == 0.25
+    p = PlateauScale("plateau", 0.5)
+    assert not p.after_validation(True) and p.scale == 1.0
+    assert p.after_validation(False) and p.after_validation(False) and p.scale == 0.25
+    c = PlateauScale("cosine", 0.5)
+    assert not c.after_validation(False) and c.scale == 1.0
+
+
+def test_budget_from_epochs(tiny, tmp_path):
+    cfg = tiny_run_config(tiny, tmp_path, batch_size=10, max_epochs=2.5, eval_every_epochs=0.5)
+    out = resolve_budget(cfg, 100)  # 10 steps per epoch
+    assert (out.train.max_steps, out.train.eval_every) == (25, 5)
+    assert cfg.train.max_steps == 20  # the caller's config is not changed
+    plain = tiny_run_config(tiny, tmp_path)
+    assert resolve_budget(plain, 100) is plain
+
+
+def test_standard_errors_merge_exactly():
+    rng = np.random.default_rng(0)
+    P, found = rng.integers(0, 15, 200), rng.random(200) < 0.6
+    G, r = np.ones(200, np.int64), np.where(found, P + 1, 0)
+    whole = MetricSums.from_arrays(P, G, found, r).means()
+    parts = MetricSums.from_arrays(P[:70], G[:70], found[:70], r[:70]).merge(
+        MetricSums.from_arrays(P[70:], G[70:], found[70:], r[70:]))
+    merged = MetricSums.from_state(json.loads(json.dumps(parts.state_dict()))).means()
+    hit = np.where(found & (P < 10), 1.0, 0.0)
+    assert whole["se/item/hit@10"] == pytest.approx(hit.std(ddof=1) / math.sqrt(200))
+    assert merged["se/item/hit@10"] == pytest.approx(whole["se/item/hit@10"], rel=1e-9)
+
+
+def test_popular_baseline_ranks_unseen_popular_items(tiny, tmp_path):
+    from comeir_dist.data.dataset import read_split
+    from comeir_dist.eval.popular import item_popularity, popular_metrics
+
+    cfg = tiny_run_config(tiny, tmp_path)
+    counts = item_popularity(str(tiny))
+    assert counts.sum() == sum(len(s) for s in read_split(tiny, "train").column("items").to_pylist())
+    m = popular_metrics(cfg, "test")
+    # brute force for one K: the target's position among the most popular items not in the history
+    t = read_split(tiny, "test")
+    order = np.argsort(-counts, kind="stable")
+    hits = []
+    for hist, tgt in zip(t.column("history").to_pylist(), t.column("target").to_pylist()):
+        cand = [i for i in order if i not in set(hist)][:10]
+        hits.append(tgt in cand)
+    assert m["item/hit@10"] == pytest.approx(np.mean(hits)) and m["users"] == len(hits)
+
+
+def test_dot_head_decoding_matches_teacher_forcing(tiny, tmp_path):
+    """The extension's prefix-conditioned term is the same in training and in beam-search decoding."""
+    from comeir_dist.train.samples import to_batch, training_samples
+    from comeir_dist.train.setup import build_sharded_model, load_inputs
+
+    cfg = tiny_run_config(tiny, tmp_path)
+    cfg.model.head_interaction = "dot"
+    torch.manual_seed(0)
+    sids, emb = load_inputs(cfg)
+    model = build_sharded_model(cfg, sids, emb, torch.device("cpu"))
+    for p in model.head.prefix_emb.parameters():  # non-trivial prefix embeddings
+        torch.nn.init.normal_(p, std=1.0)
+    model.eval()
+    hist, tgt = training_samples(tiny, 8)
+    batch = to_batch(hist[:12], tgt[:12], "cpu")
+    codes = model.catalog.item_codes(batch.target)
+    with torch.no_grad():
+        tf = model.level_logits(batch, codes)
+        step = model.decoder(batch)
+        parent = None
+        for l in range(model.levels):
+            out = step(l, codes[:, :l].unsqueeze(1), parent)[:, 0]
+            valid = model.trie.valid_mask(codes[:, :l], level=l)
+            torch.testing.assert_close(out[valid], tf[l][valid], rtol=1e-4, atol=1e-4)
+            parent = torch.zeros(codes.shape[0], 1, dtype=torch.long)
+        # the prefix changes the level-2 scores (the paper form sees it only through the intra memory)
+        alt = codes.clone()
+        alt[:, 0] = (alt[:, 0] + 1) % cfg.engram.codebook_size
+        d1 = model.head._dot_scores(2, torch.zeros(12, 32), codes[:, :1].unsqueeze(1), torch.randn(8, 32))
+        d2 = model.head._dot_scores(2, torch.zeros(12, 32), alt[:, :1].unsqueeze(1), torch.randn(8, 32))
+        assert not torch.allclose(d1, d2)
+
+
+def test_set_sparse_lr_reaches_the_fused_kernels():
+    from comeir_dist.engram.config import EngramConfig
+    from comeir_dist.model.engram_memory import EngramTables
+    from comeir_dist.parallel.engram_tables import set_sparse_lr, shard_engram_tables
+
+    cfg = EngramConfig(s_s=0.125, s_t=0.25, d_m=16, sparse_lr=0.1)
+    tables = EngramTables(cfg, device="meta")
+    shard_engram_tables(tables, cfg, "cpu", init_seed=1)
+    assert set_sparse_lr(tables, 0.025) == len(tables.collections())
+
+    def kernels(opt):
+        if hasattr(opt, "_emb_module"):
+            yield opt._emb_module
+        for _, inner in getattr(opt, "_optims", []) or []:
+            yield from kernels(inner)
+
+    rates = [k.get_learning_rate() for c in tables.collections().values() for k in kernels(c.fused_optimizer)]
+    assert rates and all(r == pytest.approx(0.025) for r in rates)
+
+
+def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
+    from comeir_dist.train import experiment
+
+    cfg = tiny_run_config(tiny, tmp_path / "exp", max_steps=4, eval_every=2, lr_schedule="plateau")
+    table = experiment.run_experiment(cfg, ["popular", "tm"], seeds=2)
+    files = sorted(p.name for p in (tmp_path / "exp" / "results").glob("*.json"))
+    assert files == ["popular-seed42.json", "tm-seed42.json", "tm-seed43.json"]
+    row = json.loads((tmp_path / "exp" / "results" / "tm-seed42.json").read_text())
+    assert row["best_step"] in (2, 4) and "se/item/ndcg@10" in row["metrics"] and row["valid_best_se"] >= 0
+    assert "| tm |" in table and "| popular |" in table
+    # a rerun (e.g. on a new machine with the committed result files) trains nothing
+    monkeypatch.setattr(experiment, "_train_and_test", lambda *a, **k: pytest.fail("finished run retrained"))
+    assert experiment.run_experiment(cfg, ["popular", "tm"], seeds=2) == table
+    changed = cfg.model_copy(deep=True)
+    changed.train.lr = 1e-2
+    with pytest.raises(UserError, match="different config"):
+        experiment.run_experiment(changed, ["tm"], seeds=1)
+
+
+def test_tables_freeze_after_the_configured_epochs(tiny, tmp_path):
+    """engram.sparse_freeze_epochs: rows move during the first epoch only; dense weights keep training."""
+    from comeir_dist.train.loop import train
+
+    cfg = tiny_run_config(tiny, tmp_path / "run", max_steps=6, eval_every=3, lr_schedule="plateau")
+    cfg.engram.sparse_freeze_epochs = 1e-9  # frozen after the first step
+    seen = []
+    import comeir_dist.parallel.engram_tables as et
+
+    real = et.set_sparse_lr
+    et.set_sparse_lr = lambda model, lr: seen.append(lr) or real(model, lr)
+    try:
+        train(cfg)
+    finally:
+        et.set_sparse_lr = real
+    assert seen and seen[0] == 0.0 and all(lr == 0.0 for lr in seen)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert any("valid" in r for r in log)
