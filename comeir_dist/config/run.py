@@ -48,6 +48,8 @@ class ModelConfig(Section):
         "none", description="ComeIR head scoring. 'none' = the paper's Eq. 10 exactly, psi_l(x) = w_l^T LN(W_H h_u + "
         "W_C e_x + mu_l(x)). 'dot' (extension, not in the paper) adds a direct user-candidate term "
         "LN(W_Q h_u + sum_j P_j c^j)^T (W_O e_x) + b_x in which the generated prefix c^{<l} conditions the query.")
+    head_memory_grad: bool = Field(True, description="False (extension): the memory-restoring head reads the "
+                                   "Engram tables without writing them; only the encoder's reads train the rows.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
                                   "(encoder and head) during training; regularises the hashed memories.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)

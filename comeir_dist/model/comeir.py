@@ -20,7 +20,7 @@ class ComeIRModel(nn.Module):
 
     def __init__(self, ecfg: EngramConfig, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module,
                  trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
-                 head_interaction: str = "none", memory_dropout: float = 0.0):
+                 head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True):
         super().__init__()
         self.catalog, self.backbone, self.trie = catalog, backbone, trie
         self.levels, self.codebook_size = codebooks.shape[0], codebooks.shape[1]
@@ -38,7 +38,7 @@ class ComeIRModel(nn.Module):
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
                                      ablations, ecfg.d_max)
         self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max,
-                               interaction=head_interaction)
+                               interaction=head_interaction, memory_grad=head_memory_grad)
         self.tables = EngramTables(ecfg, device=sparse_device)  # the sparse part (sharded by parallel/)
 
     def _encode(self, batch: HistoryBatch, extra_requests=None):

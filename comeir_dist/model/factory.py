@@ -30,7 +30,7 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
     if m.variant == "comeir":
         model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
-                            memory_dropout=m.memory_dropout)
+                            memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim)
         model.trie = trie

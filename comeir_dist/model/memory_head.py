@@ -44,9 +44,12 @@ class HeadRequest:
 
 class MemoryHead(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int, interaction: str = "none"):
+                 ablations: set[str], d_max: int, interaction: str = "none", memory_grad: bool = True):
         super().__init__()
         self.interaction = interaction
+        # False: the head reads the tables but never writes them (its keys contain the candidate, so after one
+        # epoch the rows it trains hold each training sample's own label; the encoder still trains every row)
+        self.memory_grad = memory_grad
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads
         self.use_intra = "no_d_intra" not in ablations
@@ -111,10 +114,12 @@ class MemoryHead(nn.Module):
         # mu(x) = W_S eta^S + W_T eta^T (Eq. 27), added in place (one [M, d] tensor fewer per read)
         if req.intra:
             addr, valid = read_addresses(lp, req.intra)
+            addr = addr if self.memory_grad else addr.detach()
             base = _add(base, _projected_read(self.reads[f"intra{l}"], self.w_s[i], zeta, addr, valid, req.b))
         if req.inter:
             q = self.decode_query(l, zeta, s0, mask)
             addr, valid = read_addresses(lp, req.inter)
+            addr = addr if self.memory_grad else addr.detach()
             base = _add(base, _projected_read(self.reads[f"inter{l}"], self.w_t[i], q, addr, valid, req.b))
         hidden = self.ln[i](base)
         psi = self.w_out[i](hidden).squeeze(-1)

@@ -93,7 +93,8 @@ def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) 
             "best_step": summary["best_step"], "best_minutes": summary.get("best_minutes", 0.0),
             "best_epoch": summary["best_step"] * run_cfg.train.batch_size / max(1, summary.get("train_samples", 1)),
             "train_minutes": summary["train_minutes"], "stop_reason": summary["stop_reason"],
-            "valid_best": summary["best_valid_ndcg@10"], "valid_best_se": best.get("se/item/ndcg@10", 0.0),
+            "train_samples": summary.get("train_samples"), "valid_best": summary["best_valid_ndcg@10"],
+            "valid_best_se": best.get("se/item/ndcg@10", 0.0),
             "validation": [{"step": v["step"], "item/ndcg@10": v["item/ndcg@10"]} for v in summary["validation"]]}
 
 
@@ -105,6 +106,18 @@ def _popular(run_cfg: RunConfig) -> dict:
     return {"metrics": test, "ms_per_user": 0.0, "steps": 0, "best_step": 0, "best_minutes": 0.0, "best_epoch": 0.0,
             "train_minutes": 0.0, "stop_reason": "no training", "valid_best": valid["item/ndcg@10"],
             "valid_best_se": valid.get("se/item/ndcg@10", 0.0), "validation": []}
+
+
+def protocol_deviations(cfg: RunConfig) -> list[str]:
+    """Settings under which variants are not compared at their best (the README's fair protocol)."""
+    tc, out = cfg.train, []
+    if tc.lr_schedule == "cosine" and tc.max_epochs is None:
+        out.append("train.lr_schedule: cosine decays over a guessed max_steps (use plateau or constant)")
+    if tc.eval_users is not None:
+        out.append(f"train.eval_users: {tc.eval_users} (validation on a subset; null = all users)")
+    if tc.max_minutes is not None:
+        out.append(f"train.max_minutes: {tc.max_minutes} (a wall-clock budget favours fast variants)")
+    return out
 
 
 def load_results(root: Path) -> list[dict]:
@@ -123,6 +136,8 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
     if label and len(variants) > 1:
         raise UserError(f"--label {label!r} names one variant, got --variants {','.join(variants)}")
     root = Path(cfg.out)
+    for problem in protocol_deviations(cfg):
+        log.warning("not the fair protocol: %s (see configs/experiment_cpu.yaml)", problem)
     # a dir holding other content (or another kind of output) is refused unless overwrite; nothing is deleted
     claim_out_dir(root, "experiment", None, "comeir experiment", overwrite=overwrite)
     (root / "results").mkdir(parents=True, exist_ok=True)
@@ -155,4 +170,10 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
     write_json(root / "results.json", {"runs": rows})
     with atomic_file(root / "results.md") as tmp:
         tmp.write_text(table + "\n")
+    try:
+        from comeir_dist.train.experiment_plot import plot_results
+
+        plot_results(rows, root / "results.png")
+    except Exception as exc:  # noqa: BLE001 -- a figure must never fail finished runs
+        log.warning("%s/results.png not written: %s", root, exc)
     return table

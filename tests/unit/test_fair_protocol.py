@@ -159,3 +159,46 @@ def test_tables_freeze_after_the_configured_epochs(tiny, tmp_path):
     assert seen and seen[0] == 0.0 and all(lr == 0.0 for lr in seen)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert any("valid" in r for r in log)
+
+
+def test_protocol_deviations_and_results_plot(tiny, tmp_path):
+    from comeir_dist.train.experiment import protocol_deviations
+    from comeir_dist.train.experiment_plot import plot_results
+
+    unfair = tiny_run_config(tiny, tmp_path)  # cosine over max_steps, 16 validation users
+    assert len(protocol_deviations(unfair)) == 2
+    fair = tiny_run_config(tiny, tmp_path, lr_schedule="plateau", eval_users=None, max_epochs=3)
+    assert protocol_deviations(fair) == []
+    row = {"label": "tm", "metrics": {"item/ndcg@10": 0.05}, "train": {"batch_size": 10}, "train_samples": 100,
+           "best_step": 20, "best_epoch": 2.0, "valid_best": 0.06,
+           "validation": [{"step": 10, "item/ndcg@10": 0.04}, {"step": 20, "item/ndcg@10": 0.06}]}
+    pop = {**row, "label": "popular", "validation": [], "valid_best": 0.02}
+    plot_results([row, {**row, "seed": 2}, pop], tmp_path / "results.png")
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_head_without_memory_gradient_leaves_its_rows_to_the_encoder(tiny, tmp_path):
+    """model.head_memory_grad=False: the head's reads carry no gradient into the tables (same logits)."""
+    from comeir_dist.train.samples import to_batch, training_samples
+    from comeir_dist.train.setup import build_sharded_model, load_inputs
+
+    hist, tgt = training_samples(tiny, 8)
+    batch = to_batch(hist[:12], tgt[:12], "cpu")
+    logits = {}
+    for grad in (True, False):
+        cfg = tiny_run_config(tiny, tmp_path)
+        cfg.model.head_memory_grad = grad
+        torch.manual_seed(0)
+        sids, emb = load_inputs(cfg)
+        model = build_sharded_model(cfg, sids, emb, torch.device("cpu"), init_seed=3)
+        model.eval()
+        codes = model.catalog.item_codes(batch.target)
+        out = model.level_logits(batch, codes)
+        reads = []
+        orig = model.head.reads["inter1"].forward
+        model.head.reads["inter1"].forward = lambda q, addr, *a, **k: reads.append(addr) or orig(q, addr, *a, **k)
+        model.level_logits(batch, codes)
+        assert reads[0].requires_grad and reads[-1].requires_grad == grad  # encoder first, then the head
+        logits[grad] = [x.detach() for x in out]
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b)

@@ -59,7 +59,7 @@ def test_compute_metrics_keys_and_means_torch_inputs():
     found = torch.tensor([True, True, True, False])
     rank = torch.tensor([2, 1, 1, 0])
     m = compute_metrics(P, G, found, rank, ks=(5, 10))
-    assert set(m) == set(metric_keys((5, 10))) | {"users"}
+    assert set(m) == set(metric_keys((5, 10))) | {"users"} | {f"se/{k}" for k in metric_keys((5, 10))}
     assert m["users"] == 4
     assert m["item/hit@5"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
     assert m["item/hit@10"] == pytest.approx((1 + 1 + 1 + 0) / 4)
