@@ -26,8 +26,9 @@ POPULAR = "popular"
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Identity of a run's settings (everything but ``out``), so a result file is reused only for its config."""
-    data = cfg.model_dump(mode="json")
+    """Identity of a run's settings (everything but ``out``), so a result file is reused only for its config.
+    Values equal to their defaults are left out, so a new config option does not invalidate old result files."""
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.pop("out", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
