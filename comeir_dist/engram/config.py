@@ -31,6 +31,11 @@ class EngramConfig(Section):
     sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "
                                                   "then freeze them (sparse rate 0) while the dense part goes on; "
                                                   "None = never. Counters the memories' one-epoch overfitting.")
+    reinit_every_epoch: bool = Field(False, description="Re-initialise the tables and their row-wise Adagrad state at "
+                                     "the start of every epoch after the first while the dense part keeps training "
+                                     "(multi-epoch learning with embedding re-initialisation, MEDA, Fan et al. 2023): "
+                                     "within an epoch no row has seen the sample that reads it, so the memories cannot "
+                                     "replay a training label. The plateau schedule then cools the dense rate only.")
     eps: float = Field(1e-8, gt=0, description="Epsilon of the row-wise Adagrad denominator.")
     init_scale: float = Field(0.01, gt=0, description="Tables are initialised uniform(-init_scale, +init_scale).")
 

@@ -234,6 +234,28 @@ def init_tables_deterministic(tables, seed: int, scale: float, num_threads: int 
             pass
 
 
+@torch.no_grad()
+def reinit_tables(model: torch.nn.Module, seed: int, scale: float) -> int:
+    """Fresh tables under ``model``: :func:`init_tables_deterministic` values for ``seed`` and zeroed row-wise
+    Adagrad statistics (the fused optimizer's state tensors are views of the kernels' buffers). Local work only;
+    every rank passes the same seed, so the result does not depend on the sharding. Returns the groups reset."""
+    from comeir_dist.model.engram_memory import EngramTables
+    from comeir_dist.parallel.sparse import _local_pieces, _quiet_sharded_tensor
+
+    n = 0
+    for tables in (t for t in model.modules() if isinstance(t, EngramTables)):
+        init_tables_deterministic(tables, seed, scale)
+        with _quiet_sharded_tensor():
+            for dmp in group_dmps(tables).values():
+                for state in dmp.fused_optimizer.state_dict()["state"].values():
+                    for v in state.values():
+                        if torch.is_tensor(v):
+                            for _, t in _local_pieces(v):
+                                t.zero_()
+                n += 1
+    return n
+
+
 # ---- whole-table state (small tables: best/ checkpoints, tests) -------------------------------------------
 def full_tables_state(tables: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """{group: {key: full CPU tensor}} assembled from the shards (collective when world > 1)."""

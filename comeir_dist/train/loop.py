@@ -66,6 +66,11 @@ def validation_subset(cfg: RunConfig):
     return hist, target
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the tables re-initialised at the start of ``epoch`` (``engram.reinit_every_epoch``)."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (1 << 62)
+
+
 def rank_slice(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
     """This rank's contiguous part of a global batch and its loss weight ``n_r * world / n`` (see module doc)."""
     mine = np.array_split(idx, world)[rank]
@@ -148,7 +153,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     plan = check_memory_plan(cfg, world, device.type, num_items=len(emb), item_emb_dim=emb.shape[1])
     if plan is not None and env.is_main:
         log.info(plan.message())
-    from comeir_dist.parallel.engram_tables import set_sparse_lr, sparse_grad_scale
+    from comeir_dist.parallel.engram_tables import reinit_tables, set_sparse_lr, sparse_grad_scale
 
     model = build_sharded_model(cfg, sids, emb, device, plan=pc.sharding, column_shards=pc.column_shards,
                                 grad_scale=sparse_grad_scale(world), init_seed=cfg.seed)
@@ -173,7 +178,10 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
 
     def sparse_rate(at_step: int) -> float:
         """Table learning rate after ``at_step`` optimizer steps: 0 once frozen, else sparse_lr x plateau scale."""
-        return 0.0 if at_step >= freeze_step else cfg.engram.sparse_lr * dense.plateau.scale
+        if at_step >= freeze_step:
+            return 0.0
+        # re-initialised tables relearn every epoch from scratch: a cooled rate would leave them undertrained
+        return cfg.engram.sparse_lr * (1.0 if cfg.engram.reinit_every_epoch else dense.plateau.scale)
 
     from comeir_dist.parallel.dense import DenseEngine
 
@@ -263,7 +271,13 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     stop_reason = loop.get("stop_reason") or "max_steps"
     last_saved = step if latest is not None else -1
     while step < tc.max_steps and loop.get("stop_reason") is None:
+        epoch_before = sampler.epoch
         idx = sampler.next()
+        if cfg.engram.reinit_every_epoch and sampler.epoch != epoch_before:
+            # MEDA: the dense part goes on, the memories start over (same values on every rank and sharding)
+            reinit_tables(model, _epoch_seed(cfg.seed, sampler.epoch), cfg.engram.init_scale)
+            if env.is_main:
+                log.info("step %d: epoch %d starts with re-initialised Engram tables", step, sampler.epoch)
         local = 0.0
         for mine, weight in micro_slices(idx, tc.grad_accum_steps, rank, world):
             items, tgt = batch_tensors(mine)

@@ -202,3 +202,54 @@ def test_head_without_memory_gradient_leaves_its_rows_to_the_encoder(tiny, tmp_p
         logits[grad] = [x.detach() for x in out]
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b)
+
+
+def test_reinit_tables_restores_initial_values_and_zeroes_adagrad(tiny, tmp_path):
+    """engram.reinit_every_epoch: tables return to the seeded initial values and Adagrad forgets its statistics,
+    so a re-initialised table takes exactly the first step a fresh one takes."""
+    from comeir_dist.model.loss import constrained_sid_loss
+    from comeir_dist.parallel.engram_tables import full_tables_state, reinit_tables
+    from comeir_dist.train.samples import to_batch, training_samples
+    from comeir_dist.train.setup import build_sharded_model, load_inputs
+
+    cfg = tiny_run_config(tiny, tmp_path / "run")
+    sids, emb = load_inputs(cfg)
+    model = build_sharded_model(cfg, sids, emb, "cpu", init_seed=5)
+    hist, tgt = training_samples(tiny, 8)
+    batch = to_batch(hist[:16], tgt[:16], "cpu")
+    codes = model.catalog.item_codes(batch.target)
+
+    def step():
+        constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie).backward()
+        return full_tables_state(model.tables)
+
+    initial = full_tables_state(model.tables)
+    first = step()
+    step()  # Adagrad statistics grow: a second step differs from the first
+    assert reinit_tables(model, 5, cfg.engram.init_scale) == len(initial)
+    again = full_tables_state(model.tables)
+    for g in initial:
+        for k in initial[g]:
+            torch.testing.assert_close(again[g][k], initial[g][k], rtol=0, atol=0)
+    model.zero_grad(set_to_none=True)
+    replay = step()
+    for g in first:
+        for k in first[g]:
+            torch.testing.assert_close(replay[g][k], first[g][k], rtol=1e-5, atol=1e-7)
+
+
+def test_loop_reinitialises_tables_at_epoch_starts(tiny, tmp_path, monkeypatch):
+    import comeir_dist.train.loop as loop
+    from comeir_dist.train.samples import training_samples
+
+    n = len(training_samples(tiny, 8)[1])
+    cfg = tiny_run_config(tiny, tmp_path / "run", batch_size=32, max_steps=2 * math.ceil(n / 32) + 1,
+                          eval_every=1000, lr_schedule="plateau")
+    cfg.engram.reinit_every_epoch = True
+    calls = []
+    import comeir_dist.parallel.engram_tables as et
+
+    real = et.reinit_tables
+    monkeypatch.setattr(et, "reinit_tables", lambda model, seed, scale: calls.append(seed) or real(model, seed, scale))
+    loop.train(cfg)
+    assert calls == [loop._epoch_seed(cfg.seed, 1), loop._epoch_seed(cfg.seed, 2)]
