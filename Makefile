@@ -1,24 +1,41 @@
 # The install procedure. `make setup` is idempotent: it only reinstalls when requirements change.
+# Install profiles: `make setup` = CPU (default, requirements.txt); `make setup DEVICE=cuda` = CUDA nodes
+# (requirements-cuda.txt: CUDA builds of torch/fbgemm-gpu from the PyTorch index, DeepSpeed ops left to JIT).
+# A venv holds one profile: to switch, `make clean` first or give another VENV=...
 PY ?= python3
 VENV ?= .venv
+DEVICE ?= cpu
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TORCHREC := torchrec==1.8.0
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+ifeq ($(DEVICE),cpu)
+STAMP := $(VENV)/.installed
+OTHER_STAMP := $(VENV)/.installed-cuda
+REQUIREMENTS := requirements.txt
 export DS_ACCELERATOR := cpu
+else ifeq ($(DEVICE),cuda)
+STAMP := $(VENV)/.installed-cuda
+OTHER_STAMP := $(VENV)/.installed
+REQUIREMENTS := requirements-cuda.txt
+export DS_BUILD_OPS := 0
+else
+$(error DEVICE=$(DEVICE): allowed values: cpu, cuda)
+endif
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup test test-unit test-distributed test-integration demo clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) pyproject.toml
+	@test ! -e $(OTHER_STAMP) || { echo "$(VENV) holds the other install profile: make clean (or VENV=...) before DEVICE=$(DEVICE)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0
+	$(BIN)/pip install --quiet -r $(REQUIREMENTS)
+	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -2,6 +2,10 @@
 
 Exit status: 0 when every rank fits, 1 when the plan does not fit (the table is still printed, the last
 line says why), 2 on a bad flag or config value (one line).
+
+No weights are needed: the dense part is counted on the meta device from the backbone's config -- the
+``config.json`` of ``model.backbone.path`` when that checkpoint is on this machine, else
+``model.backbone.config_file`` (e.g. configs/backbones/qwen3-0.6b.json) -- or given with ``--dense-params``.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ class _Sections(Section):
 
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config YAML (configs/*.yaml); its `parallel:` section is used if present")
+    p.add_argument("--config", help="run config YAML (configs/*.yaml); its `parallel:` section is used if present; "
+                   "the backbone is counted from model.backbone.path's config.json, else model.backbone.config_file")
     p.add_argument("--s-t", dest="s_t", type=float, help="inter scale s_T (overrides engram.s_t)")
     p.add_argument("--s-s", dest="s_s", type=float, help="intra scale s_S (overrides engram.s_s)")
     p.add_argument("--dtype", help="Engram table dtype: fp16 | fp32 (overrides engram.table_dtype)")
@@ -52,7 +57,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", default="group", help="table-wise greedy load: group (as the sharder: one "
                    "(memory, level) collection after another, load carried over) | global (all tables sorted together)")
     p.add_argument("--dense-params", dest="dense_params", type=int,
-                   help="dense parameter count (skips building the model on the meta device)")
+                   help="dense parameter count (skips building the model on the meta device, and any backbone "
+                   "path / config_file)")
     p.add_argument("--item-emb-dim", dest="item_emb_dim", type=int, default=384,
                    help="item embedding / codebook vector width (default 384, all-MiniLM-L6-v2)")
     p.add_argument("--num-items", dest="num_items", type=int, default=0,

@@ -15,10 +15,19 @@ ABLATIONS = ("no_mm_scoring", "no_memory_merge", "no_e_intra", "no_e_inter", "no
 
 
 class BackboneConfig(Section):
-    """Hugging Face decoder fed with ``inputs_embeds``: a local checkpoint (``path``) or built from sizes."""
+    """Hugging Face decoder fed with ``inputs_embeds``: a local checkpoint (``path``), an architecture
+    (``config_file``, random init) or built from the sizes."""
 
     arch: Literal["qwen3", "llama"] = "qwen3"
-    path: Optional[str] = Field(None, description="Local HF checkpoint dir (e.g. Qwen3-0.6B). None = build from the sizes below (random init).")
+    path: Optional[str] = Field(None, description="Local HF checkpoint dir (e.g. Qwen3-0.6B). None = build from "
+                                "config_file, else from the sizes below (random init).")
+    config_file: Optional[str] = Field(
+        None, min_length=1, description="Hugging Face config.json of the backbone (architecture only, no weights), e.g. "
+        "configs/backbones/qwen3-0.6b.json. `comeir plan` (and the fit check) counts the dense parameters from it "
+        "when `path` is unset or not on this machine; training without `path` builds this architecture with random "
+        "init (with `path` set, training needs the checkpoint). The sizes and dropout below are then ignored, as "
+        "with `path`. A relative path is looked up in the working directory, then the repo root, then "
+        "configs/backbones/<name>.")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -30,7 +39,7 @@ class BackboneConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.path is None and self.hidden_size % self.num_heads:
+        if self.path is None and self.config_file is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
@@ -52,6 +61,15 @@ class ModelConfig(Section):
                                    "Engram tables without writing them; only the encoder's reads train the rows.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
                                   "(encoder and head) during training; regularises the hashed memories.")
+    decoding: Literal["normal", "nezha"] = Field(
+        "normal", description="Generation architecture (App. B.2.3). 'normal' = Normal GR (one user state h_u; "
+        "flatten / tm feed generated codes back through the backbone). 'nezha' = L trainable placeholders after the "
+        "history (Eq. 40), per-level state xi_l = h_u^l + h_l (Eq. 41), GRU update per level (Eq. 42): ONE "
+        "backbone pass per batch, no backbone step per level. Needs backbone.max_positions >= inputs + L.")
+    nezha_delta: Literal["code", "code_context"] = Field(
+        "code", description="NEZHA transition input Delta_l of Eq. 42: 'code' = the SID-token embedding of the "
+        "generated code c^l (Eq. 2); 'code_context' = that plus a projection of an inter-item context (attention "
+        "over the last `window` history item vectors, query = recurrent state + code embedding).")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")

@@ -110,12 +110,16 @@ def _count(module, skip: str = "tables.") -> tuple[int, int]:
 def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> DenseCount:
     """Build the configured model with every parameter on the meta device (Engram tables on
     ``sparse_device="meta"``, fake codes/codebooks/item embeddings of the configured shape) and count
-    its dense parameters. A local HF checkpoint (``model.backbone.path``) is counted from its
-    ``config.json`` (no weights are read); its parameters are all trainable, as ``from_pretrained`` leaves them.
+    its dense parameters. The HF backbone is built on the meta device from a config, never from weights:
+    the ``config.json`` of a local checkpoint (``model.backbone.path``), else -- when ``path`` is unset or
+    not on this machine -- ``model.backbone.config_file`` (so a cluster run can be planned anywhere). Its
+    parameters are all trainable (token table included), as ``from_pretrained`` leaves them. A ``path``
+    that does not exist without a ``config_file`` is an error, as in training.
     ``item_emb_dim``: width of the item embeddings / codebook vectors (384 for all-MiniLM-L6-v2).
     """
     import numpy as np
 
+    from comeir_dist.model.backbone import backbone_from_config, load_config_file, resolve_config_file
     from comeir_dist.model.factory import build_model
 
     L, C = run_cfg.engram.levels, run_cfg.engram.codebook_size
@@ -125,16 +129,24 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
     bb = run_cfg.model.backbone
     hf = None
     cfg = run_cfg
-    if bb.path:
-        from transformers import AutoConfig, AutoModel
+    origin = ""
+    if bb.path or bb.config_file:
+        if bb.path and Path(bb.path).is_dir():
+            from transformers import AutoConfig
 
-        if not Path(bb.path).is_dir():
+            hf_conf = AutoConfig.from_pretrained(bb.path, local_files_only=True)
+            key, origin = "model.backbone.path", f", backbone config of {bb.path}"
+        elif bb.config_file:
+            hf_conf = load_config_file(bb.config_file)
+            key = "model.backbone.config_file"
+            origin = f", backbone from config_file {resolve_config_file(bb.config_file)}"
+        else:
             raise UserError(f"model.backbone.path: {bb.path} is not a local directory (nothing is downloaded)")
-        hf_conf = AutoConfig.from_pretrained(bb.path, local_files_only=True)
         with _params_on_meta():
-            hf = AutoModel.from_config(hf_conf)
-        small = bb.model_copy(update={"path": None, "hidden_size": int(hf_conf.hidden_size), "num_layers": 1,
-                                      "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 8, "head_dim": 8})
+            hf = backbone_from_config(hf_conf, key=key)
+        small = bb.model_copy(update={"path": None, "config_file": None, "hidden_size": int(hf_conf.hidden_size),
+                                      "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 8,
+                                      "head_dim": 8})
         cfg = run_cfg.model_copy(update={"model": run_cfg.model.model_copy(update={"backbone": small})})
     with _params_on_meta():
         model = build_model(cfg, codes, codebooks, emb, sparse_device="meta")
@@ -144,7 +156,7 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
         h_total, h_train = _count(hf, skip="\0")
         total, trainable = total - b_total + h_total, trainable - b_train + h_train
     buffers = num_items * (item_emb_dim * 4 + L * 8) + L * C * item_emb_dim * 4
-    return DenseCount(total, trainable, buffers, source=f"model {run_cfg.model.variant} (meta build)")
+    return DenseCount(total, trainable, buffers, source=f"model {run_cfg.model.variant} (meta build{origin})")
 
 
 # ---- plan types ---------------------------------------------------------------------------------
