@@ -26,6 +26,15 @@ class EngramConfig(Section):
     max_order: int = Field(3, ge=1, description="Largest n-gram order: intra uses O_l^S = min(l, max_order); inter uses O_l^T = max(1, max_order + 1 - l).")
     inter_orders: Optional[list[int]] = Field(None, description="Explicit per-level inter order counts (O_1^T, ..., O_L^T); None = max(1, max_order + 1 - l), i.e. (3, 2, 1) for L=3.")
     hash_seed: int = Field(0, ge=0, description="Seed of the odd hash multipliers m_{a,k} (Eq. 39). Changing it scrambles a trained memory; it is saved with checkpoints.")
+    short_keys: Literal["shorten", "drop"] = Field(
+        "drop", description="Inter-item n-gram keys of an order o larger than the history so far (fewer than o "
+        "real items up to the lookup position, Eq. 13/19). 'shorten' (the paper's clamped suffix): the key is "
+        "the k < o real items, read from the order-o tables; the o-k missing elements are a marker outside the "
+        "unit domain (D_l), so padding is never hashed, and the key differs from any full order-o key (and, "
+        "living in the order-o tables, from the genuine order-k key). 'drop': that order contributes nothing "
+        "(the rule of every run before this option). The encoder, the head's training keys and the decode-time "
+        "candidate keys use the same rule. Saved with checkpoints; a checkpoint without it was 'drop', and "
+        "resuming it with the other rule is refused.")
     table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
     sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "
@@ -54,6 +63,8 @@ class EngramConfig(Section):
             raise ValueError("d_max must be <= 2**62 (int64 hashing)")
         if self.h_max > 2**62:
             raise ValueError("h_max must be <= 2**62")
+        if self.short_keys == "shorten" and self.d_max >= 2**62:
+            raise ValueError("short_keys='shorten' needs d_max < 2**62 (its marker is the unit domain bound D_l)")
         return self
 
     # ---- derived layout -------------------------------------------------------------------
@@ -78,3 +89,19 @@ class EngramConfig(Section):
     @property
     def inter_head_dim(self) -> int:
         return self.d_m // self.k_t
+
+
+# ---- configs saved before a field existed --------------------------------------------------------------
+#: Value of ``short_keys`` for a saved config (checkpoint) that predates the option: keys were dropped.
+LEGACY_SHORT_KEYS = "drop"
+
+
+def upgrade_saved_config(config: dict) -> dict:
+    """A RunConfig dict read from a checkpoint, with Engram fields that postdate it set to the behaviour the
+    checkpoint was trained with (NOT the current class defaults, which may change): ``engram.short_keys``
+    missing -> ``"drop"``. Modifies and returns ``config``; a non-dict is returned unchanged."""
+    if isinstance(config, dict):
+        eng = config.get("engram")
+        if isinstance(eng, dict) and "short_keys" not in eng:
+            eng["short_keys"] = LEGACY_SHORT_KEYS
+    return config

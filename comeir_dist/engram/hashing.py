@@ -4,7 +4,8 @@ Definition (shared bit-for-bit by :func:`hash_keys` and the pure-Python :func:`h
 
     phi(x_1..x_o) = ( XOR_{a=1..o} ((x_a * m_a) mod 2^62) ) mod H
 
-* keys ``x_a`` are non-negative integers (SID codes or encoded SID prefixes, < D_max <= 2^62);
+* keys ``x_a`` are non-negative integers (SID codes or encoded SID prefixes, < D_max <= 2^62; the
+  marker of a shortened inter key, ``engram.short_keys: shorten``, is D_l < 2^62, see patterns.py);
   ``x_1`` is the oldest element of the key, ``x_o`` the most recent (Eq. 13/19 order);
 * ``m_a`` are odd multipliers in [2^20, 2^31) drawn from numpy's PCG64 seeded with
   SeedSequence([hash_seed, memory_id, level, order, head]) (memory_id: intra=1, inter=2), one per key

@@ -10,11 +10,30 @@ Conventions
   decode-side variant locates the most recent real item from the mask, so RIGHT padding works too.
 * Keys have a trailing dimension of width o ordered oldest -> newest: ``key[..., o-1]`` is the
   element at the lookup position (x_o in Eq. 39).
-* Validity: an order-o key is valid iff all o of its elements are real items. The paper's Eq. 19
-  clamps the suffix at the sequence start (a shorter key); we instead mark such keys invalid, so at the
-  start of a history (fewer than o real items up to position n) that order contributes nothing, and
-  padding is never hashed into real rows. Invalid keys are returned as zeros and must be looked up as
-  empty bags (see ``tables.EngramKeyBatch``).
+* Short histories (``engram.short_keys``). Eq. 13/19 clamp the suffix at the sequence start:
+  g_o(p) = (p_max(1, T-o+1), ..., p_T), i.e. with only k < o real items the order-o key is the k
+  items themselves, still read from the ORDER-o tables (Eq. 14 addresses M_{l,o,k} for every o in
+  O_l). Two rules are implemented (only inter keys are affected: an intra key of order o <= l always
+  has its o codes):
+
+  - ``drop`` (``short_marker=None``, the rule of every run before the option existed): an order-o key
+    is valid iff all o of its elements are real items; otherwise that order contributes nothing.
+  - ``shorten`` (``short_marker=M``): the key is valid whenever its lookup position is a real item;
+    the o-k missing (pre-history) elements are the constant marker M = D_l (:func:`short_key_marker`,
+    the first integer outside the unit domain [0, D_l)), so the key is (M, .., M, x_1, .., x_k). Only
+    real items and the marker are hashed, never a padding position's unit, and the result does not
+    depend on the padding id or the padding length. Because the multipliers of Eq. 39 are odd,
+    x -> (x m_a) mod 2^62 is a bijection, so the marker's term differs from every real unit's term
+    at the same key position: a shortened key is never *systematically* equal to a full key of the
+    same order (plain zero padding would be: unit 0 is a real SID prefix and hashes to the zero
+    term, so (0, y, x) would be the full key of a history starting with prefix 0). The number of
+    markers encodes the actual length k. A shortened order-o key over k items is also distinct from
+    the genuine order-k key of the same items: Eq. 14 reads it from the order-o tables (own
+    multipliers, own prime modulus, own gate and W_V,o), which is what the paper's g_o with the
+    clamped index implies; we do not share rows between orders.
+
+  Invalid keys are returned as zeros and must be looked up as empty bags (see
+  ``tables.EngramKeyBatch``).
 
 Units: an inter-item unit at level l is the mixed-radix (base C) integer of the SID prefix c^{<=l},
 reduced into D_l = min(C^l, D_max): Horner's rule u <- (u*C + c) mod D_l, which equals
@@ -30,6 +49,15 @@ _INT64_MAX = (1 << 63) - 1
 def unit_domain(level: int, codebook_size: int, d_max: int) -> int:
     """D_l = min(C^l, D_max)."""
     return min(codebook_size**level, d_max)
+
+
+def short_key_marker(level: int, codebook_size: int, d_max: int) -> int:
+    """Marker M = D_l standing for each missing (pre-history) element of a shortened level-l inter key
+    (``engram.short_keys: shorten``, Eq. 13/19): no real unit equals it (units lie in [0, D_l))."""
+    m = unit_domain(level, codebook_size, d_max)
+    if m >= 1 << 62:
+        raise ValueError(f"short-key marker D_l={m} must be < 2^62 (lower d_max)")
+    return m
 
 
 def _horner(codes: torch.Tensor, codebook_size: int, domain: int) -> torch.Tensor:
@@ -93,11 +121,16 @@ def intra_candidate_keys(prefix: torch.Tensor, cand: torch.Tensor, order: int) -
 
 
 # ---- inter-item (Eq. 18-20, 24) ----------------------------------------------------------------
-def inter_keys(units: torch.Tensor, mask: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inter_keys(units: torch.Tensor, mask: torch.Tensor, order: int,
+               short_marker: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Order-o suffix of the unit sequence ending at every position n (Eq. 19-20).
 
     ``units [B, N]``, ``mask [B, N]`` -> ``keys [B, N, o]`` (key[b, n, j] = units[b, n-o+1+j], zeros
-    where invalid) and ``valid [B, N]`` (all o positions exist and are real items).
+    where invalid) and ``valid [B, N]``.
+
+    ``short_marker`` None (``short_keys: drop``): valid iff all o positions exist and are real items.
+    ``short_marker`` M (``short_keys: shorten``, Eq. 13/19 clamped suffix): valid iff position n is a
+    real item; elements before the first real item are M (see the module docstring).
     """
     if order < 1:
         raise ValueError("order must be >= 1")
@@ -110,7 +143,13 @@ def inter_keys(units: torch.Tensor, mask: torch.Tensor, order: int) -> tuple[tor
     else:
         mk = mask
     keys = u.unfold(1, order, 1)  # [B, N, o]
-    valid = mk.unfold(1, order, 1).all(dim=-1)
+    if short_marker is None:
+        valid = mk.unfold(1, order, 1).all(dim=-1)
+    else:
+        # padding never enters: every non-real element of the window becomes the marker
+        keys = torch.where(mk.unfold(1, order, 1), keys, torch.full((), int(short_marker), dtype=torch.int64,
+                                                                  device=units.device))
+        valid = mask
     return keys * valid.unsqueeze(-1), valid
 
 
@@ -121,12 +160,14 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def inter_candidate_keys(hist_units: torch.Tensor, hist_mask: torch.Tensor, cand_units: torch.Tensor,
-                         order: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         order: int, short_marker: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode-side inter key (Eq. 24): the last o-1 history units followed by the candidate unit.
 
     ``hist_units [B, N]``, ``hist_mask [B, N]``, ``cand_units [B, K]`` -> ``keys [B, K, o]`` (zeros
-    where invalid), ``valid [B, K]``: valid iff the o-1 most recent history positions are real items
-    (always valid for o = 1).
+    where invalid), ``valid [B, K]``. ``short_marker`` None (``drop``): valid iff the o-1 most recent
+    history positions are real items (always valid for o = 1). ``short_marker`` M (``shorten``):
+    always valid; missing history elements (short or empty history) are M, exactly as
+    :func:`inter_keys` builds the key of the candidate appended to the history.
     """
     b, n = hist_units.shape
     cand_units = _expand_cand(cand_units, b).long()
@@ -139,7 +180,12 @@ def inter_candidate_keys(hist_units: torch.Tensor, hist_mask: torch.Tensor, cand
     inside = pos >= 0
     posc = pos.clamp(min=0, max=n - 1)
     ctx = torch.gather(hist_units.long(), 1, posc)
-    ok = (inside & torch.gather(hist_mask.bool(), 1, posc)).all(dim=1)  # [B]
+    real = inside & torch.gather(hist_mask.bool(), 1, posc)  # [B, o-1]
+    if short_marker is not None:
+        ctx = torch.where(real, ctx, torch.full((), int(short_marker), dtype=torch.int64, device=ctx.device))
+        keys = torch.cat([ctx.unsqueeze(1).expand(b, k, order - 1), cand_units.unsqueeze(-1)], dim=-1)
+        return keys, torch.ones(b, k, dtype=torch.bool, device=cand_units.device)
+    ok = real.all(dim=1)  # [B]
     ctx = ctx * ok.unsqueeze(1)
     keys = torch.cat([ctx.unsqueeze(1).expand(b, k, order - 1), cand_units.unsqueeze(-1)], dim=-1)
     valid = ok.unsqueeze(1).expand(b, k)

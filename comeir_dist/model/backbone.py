@@ -68,12 +68,12 @@ def load_config_file(value: str):
 
 def backbone_from_config(conf, key: str = "model.backbone.config_file") -> nn.Module:
     """The bare decoder ``AutoModel.from_config`` builds (random init; on the meta device under a meta context).
-    Every parameter stays trainable, as ``from_pretrained`` leaves a checkpoint's, so a run with ``path`` and
-    one with only ``config_file`` count and train the same parameters."""
+    Its token table is frozen as for every backbone (:func:`build_backbone`), so a run with ``path`` and one with
+    only ``config_file`` count and train the same parameters."""
     from transformers import AutoModel
 
     try:
-        return AutoModel.from_config(conf)
+        return _freeze_token_table(AutoModel.from_config(conf))
     except Exception as exc:  # noqa: BLE001 - inconsistent sizes surface here (e.g. heads vs hidden size)
         raise UserError(_one_line(f"{key}: cannot build the {conf.model_type} model: {exc}")) from None
 
@@ -82,13 +82,14 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """Return the bare decoder (``Qwen3Model``/``LlamaModel``, no LM head): hidden states only.
 
     ``path`` (a local checkpoint) wins; without it ``config_file`` gives the architecture (random init);
-    otherwise the sizes of ``cfg`` (a small model whose unused token table is frozen)."""
+    otherwise the sizes of ``cfg``. Inputs come in as embeddings, so the token table is never used: it is frozen
+    (for Qwen3-0.6B that keeps 156 M parameters and their AdamW state out of the optimizer)."""
     from transformers import AutoModel, LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
 
     if cfg.path:
         if not Path(cfg.path).is_dir():
             raise UserError(f"model.backbone.path: {cfg.path} is not a local directory (nothing is downloaded)")
-        return AutoModel.from_pretrained(cfg.path, local_files_only=True)
+        return _freeze_token_table(AutoModel.from_pretrained(cfg.path, local_files_only=True))
     if cfg.config_file:
         return backbone_from_config(load_config_file(cfg.config_file))
     common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -100,8 +101,12 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         model = Qwen3Model(conf)
     else:
         model = LlamaModel(LlamaConfig(head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads, **common))
-    # inputs come in as embeddings: the token table is never used, drop its weights from optimisation
-    model.embed_tokens.weight.requires_grad_(False)
+    return _freeze_token_table(model)
+
+
+def _freeze_token_table(model: nn.Module) -> nn.Module:
+    """Inputs come in as embeddings: the token table is never used, drop its weights from optimisation."""
+    model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
 

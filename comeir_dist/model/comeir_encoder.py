@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comeir_dist.engram.patterns import encode_prefix, inter_keys, intra_keys
-from comeir_dist.model.engram_memory import LookupPass
+from comeir_dist.model.engram_memory import LookupPass, inter_short_marker
 
 
 def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -74,7 +74,9 @@ class ComeIREncoder(nn.Module):
                                        for o in lp.lookup.orders("intra", l)]
         if "no_e_inter" not in self.ablations:
             for l in range(1, self.levels + 1):
-                handles["inter"][l] = [_add(lp, "inter", l, o, *inter_keys(units[l - 1], mask, o))
+                # Eq. 13/19 at the history start: engram.short_keys (None = drop, else the shortening marker)
+                marker = inter_short_marker(lp.lookup, l, self.codebook_size, self.d_max)
+                handles["inter"][l] = [_add(lp, "inter", l, o, *inter_keys(units[l - 1], mask, o, marker))
                                        for o in lp.lookup.orders("inter", l)]
         return handles
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from comeir_dist.engram.config import EngramConfig
+from comeir_dist.engram.patterns import short_key_marker
 from comeir_dist.engram.sizing import TableSpec, table_specs
 from comeir_dist.engram.tables import EngramIndex, EngramKeyBatch, build_engram_collection
 
@@ -67,6 +68,7 @@ class EngramLookup:
 
     def __init__(self, cfg: EngramConfig):
         self.cfg = cfg
+        self.short_keys = cfg.short_keys  # Eq. 13/19 rule for inter keys longer than the history (patterns.py)
         self.index = {g: EngramIndex(specs, cfg.hash_seed) for g, specs in grouped_specs(cfg).items()}
 
     def orders(self, memory: str, level: int) -> list[int]:
@@ -75,6 +77,19 @@ class EngramLookup:
 
     def new_pass(self) -> "LookupPass":
         return LookupPass(self)
+
+
+def inter_short_marker(lookup, level: int, codebook_size: int, d_max: int) -> int | None:
+    """The ``short_marker`` argument of ``patterns.inter_keys`` / ``inter_candidate_keys`` for ``lookup``'s
+    ``short_keys`` rule: None for 'drop', the level-l marker D_l for 'shorten'. The encoder and the head both
+    call this, so teacher-forced and decode-time keys follow one rule. ``codebook_size``/``d_max`` are those
+    the units were encoded with."""
+    rule = getattr(lookup, "short_keys", "drop")
+    if rule == "drop":
+        return None
+    if rule != "shorten":
+        raise ValueError(f"engram.short_keys: {rule!r}; allowed values: shorten, drop")
+    return short_key_marker(level, codebook_size, d_max)
 
 
 class LookupPass:

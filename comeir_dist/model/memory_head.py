@@ -27,7 +27,7 @@ from torch import nn
 
 from comeir_dist.engram.patterns import candidate_prefix_units, inter_candidate_keys, intra_candidate_keys
 from comeir_dist.model.comeir_encoder import read_addresses
-from comeir_dist.model.engram_memory import LookupPass
+from comeir_dist.model.engram_memory import LookupPass, inter_short_marker
 
 
 @dataclass
@@ -88,10 +88,16 @@ class MemoryHead(nn.Module):
         if self.use_inter:
             units = candidate_prefix_units(pre, x.unsqueeze(1), self.codebook_size, self.d_max)  # [M, 1]
             hist = hist_units[level - 1]
+            # the encoder's rule for keys longer than the history (Eq. 13/19, engram.short_keys): the same
+            # function builds teacher-forced (level_logits) and beam-search keys
+            marker = inter_short_marker(lp.lookup, level, self.codebook_size, self.d_max)
             for o in lp.lookup.orders("inter", level):
                 # the history context of an order-o key is per user: build it once, then gather per pair
-                ctx, ok = inter_candidate_keys(hist, mask, torch.zeros_like(hist[:, :1]), o)
+                ctx, ok = inter_candidate_keys(hist, mask, torch.zeros_like(hist[:, :1]), o, marker)
                 keys = torch.cat([ctx[:, 0, : o - 1].index_select(0, b), units], dim=-1)
+                if marker is not None:  # shortened keys are always valid (None: the read skips masking)
+                    inter.append((lp.add("inter", level, o, keys, ok[:, 0].index_select(0, b)), None))
+                    continue
                 valid = ok[:, 0].index_select(0, b)
                 inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid), valid))
         return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter, prefixes)

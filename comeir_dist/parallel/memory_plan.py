@@ -113,7 +113,7 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
     its dense parameters. The HF backbone is built on the meta device from a config, never from weights:
     the ``config.json`` of a local checkpoint (``model.backbone.path``), else -- when ``path`` is unset or
     not on this machine -- ``model.backbone.config_file`` (so a cluster run can be planned anywhere). Its
-    parameters are all trainable (token table included), as ``from_pretrained`` leaves them. A ``path``
+    token table is frozen (inputs are embeddings), as in training. A ``path``
     that does not exist without a ``config_file`` is an error, as in training.
     ``item_emb_dim``: width of the item embeddings / codebook vectors (384 for all-MiniLM-L6-v2).
     """

@@ -3,7 +3,9 @@
 * ``utilisation``: per level, distinct codes used / C.
 * ``distinct_sids``: number of distinct L-tuples; ``distinct_fraction`` = distinct_sids / items.
 * ``items_in_collisions``: items whose SID is shared with at least one other item
-  (a SID held by 3 items contributes 3); ``max_items_per_sid``: size of the largest such group.
+  (a SID held by 3 items contributes 3); ``max_items_per_sid``: size of the largest such group;
+  ``collision_groups``: number of SIDs held by more than one item; ``collision_group_sizes``:
+  {group size: number of SIDs of that size} for sizes >= 2 (keys are strings, JSON).
 * ``recon_mse``: mean over items and embedding dimensions of (m - m_hat)^2, where m_hat is the sum of
   the chosen centroids (RQ-KMeans) or the decoder output Dec(z_hat) (RQ-VAE);
   ``recon_rel_err`` = sum ||m - m_hat||^2 / sum ||m||^2 (scale-free companion).
@@ -33,6 +35,9 @@ def sid_stats(codes: np.ndarray, codebook_size: int) -> dict:
         "distinct_fraction": round(len(counts) / max(n, 1), 6),
         "items_in_collisions": int((group > 1).sum()),
         "max_items_per_sid": int(counts.max()) if n else 0,
+        "collision_groups": int((counts > 1).sum()),
+        "collision_group_sizes": {str(int(k)): int(v) for k, v in zip(*np.unique(counts[counts > 1],
+                                                                                  return_counts=True))},
     }
 
 
@@ -45,9 +50,16 @@ def recon_errors(x: np.ndarray, x_hat: np.ndarray) -> dict:
             "recon_rel_err": float(sq / max(float((x * x).sum()), 1e-30))}
 
 
-def codes_fingerprint(codes: np.ndarray) -> str:
-    """sha256 of the codes as a C-contiguous int32 [I, L] array (the SID fingerprint)."""
-    return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int32).tobytes()).hexdigest()
+def codes_fingerprint(codes: np.ndarray, tag: Optional[str] = None) -> str:
+    """sha256 of the codes as a C-contiguous int32 [I, L] array (the SID fingerprint).
+
+    ``tag`` (``QuantizeConfig.sid_tag``, e.g. ``"assign=argmin"``) is appended to the hashed bytes, so SIDs
+    assigned by another rule never share a fingerprint; None keeps the fingerprint of every SID table
+    written before the tag existed (balanced assignment)."""
+    h = hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int32).tobytes())
+    if tag is not None:
+        h.update(b"\0" + str(tag).encode())
+    return h.hexdigest()
 
 
 def summarize(codes: np.ndarray, codebook_size: int, x: np.ndarray, x_hat: np.ndarray,

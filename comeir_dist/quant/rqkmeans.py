@@ -11,6 +11,13 @@ the median code held one item; balanced clusters keep every code in use, lower t
 error and raise the number of distinct SIDs. ``resolve_collisions`` then spreads items that still share
 a SID over the last level (collisions.py).
 
+``assign`` (config ``quantize.assign``): ``"balanced"`` (default) keeps the balanced clusters as codes, so
+an item's code is its cluster under the capacity constraint, not necessarily its nearest centroid.
+``"argmin"`` keeps the same fitted (balanced) centroids and then assigns every item to its nearest centroid
+at each level, the next level's residual being computed from that choice (Eq. 29 exactly, as the paper's
+RQ-KMeans: "the cluster index becomes c^l"); items may then share a SID (collision groups), which the rest
+of the product handles (the prefix tree maps a SID to its group, item-level metrics are collision-corrected).
+
 Everything runs in torch/numpy on the CPU with a seeded ``torch.Generator``; for a given seed, input
 and thread count the result is bit-for-bit reproducible. The same ``kmeans`` routine initialises the
 RQ-VAE codebooks (rqvae.py).
@@ -150,37 +157,59 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator,
 
 def rq_assign(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual assignment of Eq. 29: returns (codes [n, L], x_hat = sum of chosen codewords)."""
+    codes, residuals = rq_assign_residuals(x, codebooks)
+    return codes, x - residuals[-1]
+
+
+def rq_assign_residuals(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eq. 29 level by level: c^l = argmin_j ||r_{l-1} - b_{l,j}||^2, r_l = r_{l-1} - b_{l,c^l} (r_0 = x).
+
+    Returns (codes [n, L] int64, [r_0, ..., r_L]). Ties go to the lowest code index."""
     r = x
-    codes = []
+    codes, residuals = [], [x]
     for cb in codebooks:
         c = sq_dists(r, cb).argmin(1)
         codes.append(c)
         r = r - cb[c]
-    return torch.stack(codes, 1), x - r
+        residuals.append(r)
+    return torch.stack(codes, 1), residuals
 
 
 def fit_rqkmeans(x: np.ndarray, levels: int, codebook_size: int, iters: int = 50,
-                 seed: int = 0, resolve_collisions: bool = False, balanced: bool = False) -> RQResult:
+                 seed: int = 0, resolve_collisions: bool = False, balanced: bool = False,
+                 assign: str = "balanced") -> RQResult:
     """Fit L levels of k-means on residuals of ``x`` [I, d] (deterministic for ``seed``).
 
-    ``balanced`` selects balanced k-means at every level. With ``resolve_collisions`` items sharing a SID are spread over the last level afterwards
-    (collisions.py); ``info`` keeps the number of distinct SIDs of the plain argmin assignment.
+    ``balanced`` selects balanced k-means at every level. ``assign="argmin"`` re-assigns every item to its
+    nearest fitted centroid level by level (Eq. 29, residuals from those choices); ``"balanced"`` keeps the
+    k-means clusters. With ``resolve_collisions`` items sharing a SID are spread over the last level
+    afterwards (collisions.py). ``info``: ``assign``, ``pre_resolution_distinct_sids`` (also under its old
+    name ``argmin_distinct_sids``: the distinct SIDs before resolution, i.e. of the balanced clusters when
+    ``assign="balanced"``), ``reassigned_items``.
     """
     from comeir_dist.quant.collisions import resolve_last_level
 
+    if assign not in ("balanced", "argmin"):
+        raise ValueError(f"assign must be 'balanced' or 'argmin', got {assign!r}")
     gen = torch.Generator().manual_seed(int(seed))
     xt = torch.tensor(np.asarray(x, dtype=np.float32))
     r = xt.clone()
     books, codes = [], []
     for _ in range(levels):
         last_input = r
-        cent, assign = kmeans(r, codebook_size, iters, gen, balanced=balanced)
+        cent, cluster = kmeans(r, codebook_size, iters, gen, balanced=balanced)
         books.append(cent)
-        codes.append(assign)
-        r = r - cent[assign]
+        codes.append(cluster)
+        r = r - cent[cluster]
     codebooks = torch.stack(books)
-    codes_np = torch.stack(codes, 1).numpy().astype(np.int64)
-    info = {"argmin_distinct_sids": int(len(np.unique(codes_np, axis=0))), "reassigned_items": 0}
+    codes_t = torch.stack(codes, 1)
+    if assign == "argmin":  # same centroids, nearest-centroid codes (Eq. 29)
+        codes_t, residuals = rq_assign_residuals(xt, codebooks)
+        last_input, r = residuals[-2], residuals[-1]
+    codes_np = codes_t.numpy().astype(np.int64)
+    distinct = int(len(np.unique(codes_np, axis=0)))
+    info = {"assign": assign, "pre_resolution_distinct_sids": distinct, "argmin_distinct_sids": distinct,
+            "reassigned_items": 0}
     if resolve_collisions:
         codes_np, moved = resolve_last_level(codes_np, sq_dists(last_input, books[-1]).numpy())
         info["reassigned_items"] = moved

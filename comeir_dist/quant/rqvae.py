@@ -17,7 +17,7 @@ of a first pass over all items; Adam for ``epochs`` epochs over shuffled minibat
 every ``dead_code_every`` epochs, codes not selected by any item during that window are re-seeded
 from randomly chosen current residuals of their level (and their Adam moments reset). No re-seeding
 happens in the last window, so the final codebooks have been trained after the last reset.
-After training, codes are the argmin of Eq. 29; with ``cfg.resolve_collisions`` items sharing a SID
+After training, codes are the argmin of Eq. 29; with ``cfg.collisions_resolved`` items sharing a SID
 are spread over the last level (collisions.py) and decoded from the codes they end up with.
 Deterministic for a given seed (torch.manual_seed + a seeded generator; single-threaded by default).
 """
@@ -126,7 +126,7 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
               log_every: Optional[int] = None) -> tuple[RQResult, RQVAE]:
     """Train an RQ-VAE on embeddings x [I, d] with the RQ-VAE fields of ``cfg``.
 
-    With ``cfg.resolve_collisions`` items sharing a SID are spread over the last level after training
+    With ``cfg.collisions_resolved`` items sharing a SID are spread over the last level after training
     (collisions.py) and decoded from their new codes. Returns (codes/codebooks/reconstruction, model).
     """
     torch.manual_seed(int(seed))
@@ -171,9 +171,10 @@ def fit_rqvae(x: np.ndarray, cfg: QuantizeConfig, seed: int = 0,
     model.eval()
     codes, x_hat = model.encode_decode(xt)
     codes_np = codes.numpy().astype(np.int64)
-    info = {"argmin_distinct_sids": int(len(np.unique(codes_np, axis=0))), "reassigned_items": 0,
-            "reseeded_codes": reseeded}
-    if cfg.resolve_collisions:
+    distinct = int(len(np.unique(codes_np, axis=0)))
+    info = {"assign": "argmin", "pre_resolution_distinct_sids": distinct, "argmin_distinct_sids": distinct,
+            "reassigned_items": 0, "reseeded_codes": reseeded}
+    if cfg.collisions_resolved:  # (None = on for RQ-VAE; ``assign`` is an RQ-KMeans option)
         with torch.no_grad():
             last = model.codebooks[-1]
             dists = sq_dists(model.residuals(xt)[-1], last).numpy()

@@ -9,9 +9,13 @@ SIDs** wins; ties are broken by the **lower reconstruction MSE**, then by the lo
 come first because a collision makes items indistinguishable to the generator; the reconstruction
 error says how much of the embedding the codes keep.
 
-RQ-KMeans uses balanced k-means by default (``kmeans_balanced``); with ``resolve_collisions``
-(default) items that still share a SID after fitting are spread over the last level (collisions.py);
-report.json keeps ``argmin_distinct_sids`` (plain Eq. 29 assignment) and ``reassigned_items``.
+RQ-KMeans uses balanced k-means by default (``kmeans_balanced``); ``assign`` chooses the codes: the
+balanced clusters (default) or each item's nearest fitted centroid per level (``argmin``, Eq. 29). With
+``resolve_collisions`` (effective value: ``QuantizeConfig.collisions_resolved``; default on, off for
+``assign: argmin``) items that still share a SID are spread over the last level (collisions.py);
+report.json keeps ``pre_resolution_distinct_sids`` (old name ``argmin_distinct_sids``) and
+``reassigned_items``, and the collision groups of the written codes (``collision_groups``,
+``max_items_per_sid``, ``items_in_collisions``, ``collision_group_sizes``).
 
 Output, written atomically to DIR/sids/<method>/:
   codes.parquet   item_idx int32, codes list<int32> of length L, sorted by item_idx
@@ -20,7 +24,8 @@ Output, written atomically to DIR/sids/<method>/:
   report.json     method, levels, codebook_size, chosen seed, per-level utilisation, distinct_sids,
                   distinct_fraction, items_in_collisions, max_items_per_sid, recon_mse, wall_time_s,
                   every restart's summary, selection_criterion, fingerprint (sha256 of the int32
-                  [I, L] codes array bytes) and the embedding fingerprint it was computed from.
+                  [I, L] codes array bytes, followed by ``sid_tag`` when set: ``assign=argmin``) and the
+                  embedding fingerprint it was computed from.
 """
 from __future__ import annotations
 
@@ -79,7 +84,8 @@ def _fit(emb: np.ndarray, cfg: QuantizeConfig, seed: int) -> dict:
         from comeir_dist.quant.rqkmeans import fit_rqkmeans
 
         res = fit_rqkmeans(emb, cfg.levels, cfg.codebook_size, cfg.kmeans_iters, seed,
-                           resolve_collisions=cfg.resolve_collisions, balanced=cfg.kmeans_balanced)
+                           resolve_collisions=cfg.collisions_resolved, balanced=cfg.kmeans_balanced,
+                           assign=cfg.assign)
     elif cfg.method == "rqvae":
         from comeir_dist.quant.rqvae import fit_rqvae
 
@@ -170,8 +176,11 @@ def run_quantize(dataset_dir: Path, cfg: QuantizeConfig, ray_address: Optional[s
         "utilisation": s["utilisation"], "used_codes": s["used_codes"],
         "distinct_sids": s["distinct_sids"], "distinct_fraction": s["distinct_fraction"],
         "items_in_collisions": s["items_in_collisions"], "max_items_per_sid": s["max_items_per_sid"],
+        "collision_groups": s["collision_groups"], "collision_group_sizes": s["collision_group_sizes"],
         "recon_mse": s["recon_mse"], "recon_rel_err": s["recon_rel_err"],
-        "resolve_collisions": cfg.resolve_collisions,
+        "assign": cfg.assign if cfg.method == "rqkmeans" else "argmin",
+        "resolve_collisions": cfg.collisions_resolved,
+        "pre_resolution_distinct_sids": s.get("pre_resolution_distinct_sids", s["argmin_distinct_sids"]),
         "argmin_distinct_sids": s["argmin_distinct_sids"], "reassigned_items": s["reassigned_items"],
         "codebook_shape": list(best["codebooks"].shape),
         "wall_time_s": round(wall, 3),
@@ -179,12 +188,14 @@ def run_quantize(dataset_dir: Path, cfg: QuantizeConfig, ray_address: Optional[s
         "restarts": summaries,
         "config": cfg.model_dump(),
         "embedding_fingerprint": emb_fp,
-        "fingerprint": codes_fingerprint(codes),
+        "sid_tag": cfg.sid_tag,
+        "fingerprint": codes_fingerprint(codes, cfg.sid_tag),
     }
     out = sids_dir(dataset_dir, cfg.method)
     with atomic_dir(out, overwrite=True) as tmp:  # sids/<method>/ is written whole by comeir
         write_sids(tmp, codes, best["codebooks"], report)
-    log.info("quantize %s: kept seed %d, distinct %d/%d (%.4f), %d items in collisions, "
+    log.info("quantize %s: kept seed %d, distinct %d/%d (%.4f), %d items in %d collision groups (largest %d), "
              "recon_mse %.3e, %.1f s -> %s", cfg.method, best["seed"], s["distinct_sids"], s["items"],
-             s["distinct_fraction"], s["items_in_collisions"], s["recon_mse"], wall, out)
+             s["distinct_fraction"], s["items_in_collisions"], s["collision_groups"], s["max_items_per_sid"],
+             s["recon_mse"], wall, out)
     return out

@@ -22,7 +22,7 @@ class SidTable:
     codes: np.ndarray      # [I, L] int64, codes[i] = SID of item_idx i
     codebooks: np.ndarray  # [L, C, D] float32
     method: str
-    fingerprint: str       # sha256 of the int32 codes array (report.json "fingerprint")
+    fingerprint: str       # sha256 of the int32 codes array (+ report.json "sid_tag"; = its "fingerprint")
 
     @property
     def num_items(self) -> int:
@@ -85,7 +85,8 @@ def load_sids(dataset_dir, method: str) -> SidTable:
     if codes.size and (codes.min() < 0 or codes.max() >= size):
         bad = int(np.argwhere((codes < 0) | (codes >= size))[0, 0])
         raise _fail(files[0], f"item_idx {bad} has a code outside 0..{size - 1}: {codes[bad].tolist()}")
-    fp = codes_fingerprint(codes)
+    tag = report.get("sid_tag")  # e.g. "assign=argmin"; absent in SID tables written before quantize.assign
+    fp = codes_fingerprint(codes, tag if isinstance(tag, str) else None)
     if report.get("fingerprint") not in (None, fp):
         raise _fail(files[2], "fingerprint does not match codes.parquet (files from different runs)")
     return SidTable(codes=codes, codebooks=codebooks.astype(np.float32, copy=False), method=method,

@@ -283,7 +283,26 @@ def read_state(path: Path) -> dict:
         raise UserError(f"{path / 'state.json'}: unreadable ({exc.__class__.__name__})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path / 'state.json'}: malformed")
+    _upgrade_config(state)
     return state
+
+
+def _upgrade_config(state: dict) -> None:
+    """Fields the saved config predates get the behaviour it was trained with (engram.short_keys -> drop)."""
+    from comeir_dist.engram.config import upgrade_saved_config
+
+    upgrade_saved_config(state.get("config"))
+
+
+def check_short_keys(path: Path, saved_config: dict, now_config: dict) -> None:
+    """One-line UserError when the checkpoint's Engram keys were built with another ``engram.short_keys``
+    rule than the config's (``saved_config`` upgraded: missing = drop)."""
+    saved = (saved_config.get("engram") or {}).get("short_keys")
+    now = (now_config.get("engram") or {}).get("short_keys")
+    if saved is not None and now is not None and saved != now:
+        raise UserError(f"{path}: checkpoint was trained with engram.short_keys={saved}, the config says {now}; "
+                        f"its Engram rows hold keys of the other rule (set engram.short_keys={saved} to resume, "
+                        f"or start a new run dir)")
 
 
 def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, n_samples: int) -> None:
@@ -296,8 +315,10 @@ def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, 
         raise UserError(f"{path}: checkpoint was trained on another SID table")
     if state["hash_multipliers"] != hash_state(model):
         raise UserError(f"{path}: Engram hash multipliers/table sizes differ from the config")
+    _upgrade_config(state)  # (idempotent; read_state already did it)
     saved = state["config"]
     now = cfg.model_dump(mode="json")
+    check_short_keys(path, saved, now)
     for section in ("model", "engram", "max_history", "seed"):
         if saved.get(section) != now.get(section):
             raise UserError(f"{path}: config '{section}' differs from the checkpoint's; resume needs the same "

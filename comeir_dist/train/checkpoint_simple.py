@@ -82,9 +82,14 @@ def read_meta(path: Path) -> dict:
     if (path / integrity.CHECKSUMS).is_file():
         _verify(path, only=["meta.json"])
     try:
-        return json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path / 'meta.json'}: malformed JSON: {exc.msg}") from None
+    if isinstance(meta, dict):
+        from comeir_dist.engram.config import upgrade_saved_config
+
+        upgrade_saved_config(meta.get("config"))  # a checkpoint older than engram.short_keys was trained with drop
+    return meta
 
 
 def load_checkpoint_into(path: Path, model, meta: dict, sid_fingerprint: str) -> None:
@@ -97,6 +102,13 @@ def load_checkpoint_into(path: Path, model, meta: dict, sid_fingerprint: str) ->
                         f"{meta['sid_fingerprint'][:12]} != dataset's {sid_fingerprint[:12]})")
     if meta.get("hash_multipliers", {}) != hash_state(model):
         raise UserError(f"{path}: Engram hash multipliers/table sizes differ from the config")
+    lookup_cfg = getattr(getattr(model, "lookup", None), "cfg", None)
+    if lookup_cfg is not None and isinstance(meta.get("config"), dict):
+        from comeir_dist.engram.config import upgrade_saved_config
+        from comeir_dist.train.checkpoint import check_short_keys
+
+        check_short_keys(path, upgrade_saved_config(meta["config"]),
+                         {"engram": {"short_keys": getattr(lookup_cfg, "short_keys", None)}})
     _verify(path)  # every file, before torch.load
     missing, unexpected = model.load_state_dict(torch.load(path / "dense.pt", weights_only=True), strict=False)
     missing = [k for k in missing if not k.startswith("tables.")]

@@ -111,12 +111,14 @@ def test_config_file_count_equals_the_real_model(tmp_path, arch):
     dense = [(n, p) for n, p in real.named_parameters() if not n.startswith("tables.")]
     assert by_file.params == sum(p.numel() for _, p in dense)
     assert by_file.trainable == sum(p.numel() for _, p in dense if p.requires_grad)
-    # config_file alone (no path) builds the same architecture (random init), every parameter trainable
+    # config_file alone (no path) builds the same architecture (random init); only the unused token table is frozen
     from_file = build_backbone(with_backbone(config_file=str(cfg_file)).model.backbone)
     from_ck = AutoModel.from_pretrained(ck, local_files_only=True)
     assert type(from_file) is type(from_ck)
     assert {n: p.shape for n, p in from_file.named_parameters()} == {n: p.shape for n, p in from_ck.named_parameters()}
-    assert all(p.requires_grad for p in from_file.parameters())
+    frozen = [n for n, p in from_file.named_parameters() if not p.requires_grad]
+    assert frozen == ["embed_tokens.weight"]
+    assert by_file.params - by_file.trainable == from_file.embed_tokens.weight.numel()
 
 
 def test_training_keeps_the_missing_path_error():
