@@ -27,7 +27,8 @@ def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine", scale: f
 
 def resolve_budget(cfg: RunConfig, n_samples: int) -> RunConfig:
     """A copy of ``cfg`` whose ``max_steps`` / ``eval_every`` come from ``max_epochs`` / ``eval_every_epochs``
-    (when set) and the number of training samples; the resolved values are what checkpoints record."""
+    (when set) and the number of training samples; the resolved values are what checkpoints record.
+    With ``engram.reinit_every_epoch`` validation falls on epoch ends (patience kept in epochs)."""
     tc = cfg.train
     if tc.max_epochs is None and tc.eval_every_epochs is None:
         return cfg
@@ -37,6 +38,12 @@ def resolve_budget(cfg: RunConfig, n_samples: int) -> RunConfig:
         out.train.max_steps = max(1, math.ceil(tc.max_epochs * steps_per_epoch))
     if tc.eval_every_epochs is not None:
         out.train.eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
+        if cfg.engram.reinit_every_epoch:
+            # tables that start over every epoch are only complete at an epoch's end: validate there, with the
+            # same patience in epochs (e.g. every 0.5 epoch x 4 -> every epoch x 2)
+            every = max(1, round(tc.eval_every_epochs))
+            out.train.eval_every = every * math.ceil(n_samples / tc.batch_size)
+            out.train.patience = max(1, math.ceil(tc.patience * tc.eval_every_epochs / every))
     return out
 
 

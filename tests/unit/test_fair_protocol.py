@@ -36,6 +36,11 @@ def test_budget_from_epochs(tiny, tmp_path):
     assert cfg.train.max_steps == 20  # the caller's config is not changed
     plain = tiny_run_config(tiny, tmp_path)
     assert resolve_budget(plain, 100) is plain
+    # re-initialised tables are complete at epoch ends only: validate there, patience kept in epochs
+    reinit = tiny_run_config(tiny, tmp_path, batch_size=10, max_epochs=6, eval_every_epochs=0.5, patience=4)
+    reinit.engram.reinit_every_epoch = True
+    out = resolve_budget(reinit, 95)  # 9.5 steps per epoch: epochs end after 10, 20, ... steps
+    assert (out.train.eval_every, out.train.patience) == (10, 2)
 
 
 def test_standard_errors_merge_exactly():
