@@ -108,11 +108,13 @@ def _build_parser() -> argparse.ArgumentParser:
     from comeir_dist.cli_bench import add_bench_commands
     from comeir_dist.cli_plan import add_plan_command
     from comeir_dist.cli_scaling import add_scaling_command
+    from comeir_dist.cli_analyze import add_analyze_command
 
     add_model_commands(sub)
     add_plan_command(sub)
     add_bench_commands(sub)
     add_scaling_command(sub)
+    add_analyze_command(sub)
     return ap
 
 

@@ -1,0 +1,57 @@
+"""`comeir analyze ...`: analyses of a prepared dataset and finished runs.
+
+``comeir analyze memgen --dataset DIR --out DIR [--runs RUN ...]``: memorization / generalization labels of
+every validation and test instance (Ding et al., "How Well Does Generative Recommendation Generalize?") and
+the runs' Hit/NDCG@{5,10} per category with bootstrap CIs; see :mod:`comeir_dist.analysis.memgen_report`.
+Exit status 0, or 2 with one line on a bad flag, a missing dataset / SIDs, or a run without per-user results.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_memgen_flags(p: argparse.ArgumentParser) -> None:
+    from comeir_dist.cli import add_overwrite_flag
+
+    p.add_argument("--dataset", required=True, help="prepared dataset dir (comeir prepare)")
+    p.add_argument("--out", required=True, help="output dir: labels.parquet, summary.json, summary.md, summary.png")
+    p.add_argument("--max-hop", dest="max_hop", type=int, default=4, help="largest hop H of the rule sets (default 4)")
+    p.add_argument("--sid-method", dest="sid_method", default="rqkmeans",
+                   help="SIDs (DIR/sids/<method>) of the token-level labels; 'none' skips them (default rqkmeans)")
+    p.add_argument("--runs", nargs="*", default=[], metavar="[NAME=]PATH",
+                   help="runs to break down by category: a run dir with test.users.parquet (comeir train / "
+                        "experiment / evaluate --out), a *.users.parquet file, an experiment result file "
+                        "(EXP/results/LABEL-seedN.json) or an experiment dir (all its runs with per-user results)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% CIs (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the markdown tables")
+    add_overwrite_flag(p)
+
+
+def run_memgen_cli(args: argparse.Namespace) -> int:
+    import json
+
+    from comeir_dist.analysis.memgen_report import brief, run_memgen
+
+    res = run_memgen(args.dataset, args.out, max_hop=args.max_hop, sid_method=args.sid_method, runs=args.runs,
+                     resamples=args.bootstrap, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps(res.summary, indent=2) if args.json else res.markdown)
+    print(brief(res))
+    return 0
+
+
+def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
+    from comeir_dist.cli import command
+
+    p = sub.add_parser("analyze", help="analyses of a dataset and finished runs (memgen: memorization vs "
+                       "generalization categories, per-category metrics)")
+    asub = p.add_subparsers(dest="analyze_cmd", required=True)
+    q = asub.add_parser("memgen", help="label valid/test instances as memorization / generalization (type, hop) "
+                        "/ uncategorized plus token-level prefix memorization; per-category Hit/NDCG of runs")
+    add_memgen_flags(q)
+
+    @command("analyze")
+    def _analyze(args) -> int:
+        if args.analyze_cmd == "memgen":
+            return run_memgen_cli(args)
+        raise AssertionError(args.analyze_cmd)
