@@ -37,6 +37,8 @@ def latency_config(args):
     data.update(_overrides(args, LATENCY_FLAGS))
     if args.variants:
         data["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if getattr(args, "decodings", None):
+        data["decodings"] = [d.strip() for d in args.decodings.split(",") if d.strip()]
     return parse_section(LatencyBenchConfig, data, source=path or "flags")
 
 
@@ -75,7 +77,8 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
                                      "training throughput")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
 
-    q = bsub.add_parser("latency", help="per-batch generation latency of flatten / TM / ComeIR on one shared backbone")
+    q = bsub.add_parser("latency", help="per-batch generation latency of flatten / TM / ComeIR (Normal GR and NEZHA) "
+                                       "on one shared backbone")
     q.add_argument("--config", help=f"benchmark YAML (default: {DEFAULT_LATENCY_CONFIG}, a Qwen3-0.6B-shaped backbone)")
     q.add_argument("--out", required=True, help="report JSON (a markdown table is written next to it as .md)")
     q.add_argument("--batch-size", dest="batch_size", type=int)
@@ -85,6 +88,8 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--history", type=int, help="history items per user")
     q.add_argument("--threads", type=int, help="torch threads (default: torch's; use 1 on a busy machine)")
     q.add_argument("--variants", help="comma-separated subset of flatten,tm,comeir")
+    q.add_argument("--decodings", help="comma-separated subset of normal,nezha (generation architectures timed "
+                                       "for every variant; default: the config's)")
     q.add_argument("--sparse", help="Engram tables: fused (DMP, as in evaluation) | unsharded")
     q.add_argument("--profile", action="store_true", help="add a torch.profiler op table per variant to the report")
 

@@ -8,7 +8,8 @@ from comeir_dist.errors import UserError
 
 TRAIN_FLAGS = {"dataset": "dataset", "sid_method": "sid_method", "variant": "model.variant", "seed": "seed",
                "out": "out", "max_steps": "train.max_steps", "max_minutes": "train.max_minutes",
-               "batch_size": "train.batch_size", "s_t": "engram.s_t", "s_s": "engram.s_s", "device": "device"}
+               "batch_size": "train.batch_size", "s_t": "engram.s_t", "s_s": "engram.s_s", "device": "device",
+               "decoding": "model.decoding"}
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset")
     p.add_argument("--sid-method", dest="sid_method")
     p.add_argument("--variant", help="comeir | flatten | tm")
+    p.add_argument("--decoding", choices=["normal", "nezha"], help="generation architecture (model.decoding)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
     p.add_argument("--max-steps", dest="max_steps", type=int)

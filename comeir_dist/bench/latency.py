@@ -1,4 +1,5 @@
-"""`comeir bench latency`: per-batch generation latency of flatten / TM / ComeIR (paper Section 4.5, Table 3).
+"""`comeir bench latency`: per-batch generation latency of flatten / TM / ComeIR under Normal GR and NEZHA
+(paper Section 4.5, Table 3).
 
 All variants share ONE backbone (same module, same random weights), one synthetic catalog (``num_items``
 random distinct SIDs, random item embeddings and codebooks) and the same user histories. A measured
@@ -10,10 +11,17 @@ SIDs into items (collision ranking) is not part of it.
 * tm: N tokens (L code embeddings merged per item); prefill + (L-1) cached steps over B*K beams.
 * comeir: N tokens (memory-conditioned item vectors); ONE backbone pass, then the memory-restoring
   head scores the valid candidates of each level (Engram reads, no backbone step per level).
+* ``decodings: [..., nezha]`` adds every variant under NEZHA (App. B.2.3, Eq. 40-42): ONE backbone pass
+  over the inputs + L placeholders, then per level a GRU step per beam and the output layer / head
+  (comeir: the head with a per-beam state); no KV cache, no backbone step per level.
 
-Variants are timed interleaved (rep-major: for each repetition every variant once, the order rotated
+Each (variant, decoding) is one timed model, labelled ``variant`` (normal) or ``variant-nezha``.
+Models are timed interleaved (rep-major: for each repetition every model once, the order rotated
 each repetition) after ``warmup`` untimed repetitions, so machine load hits them alike. Reported per
-variant: median, p25/p75, min/max over the repetitions; speedups = median(flatten or tm) / median(comeir).
+model: median, p25/p75, min/max over the repetitions; speedups = median(flatten or tm) / median(comeir)
+under the same decoding (``speedup_flatten_over_comeir_normal``, ``..._nezha``; the unsuffixed
+``speedup_flatten_over_comeir`` is the Normal-GR one, kept for older readers); ``medians_ms`` holds
+every (variant, decoding) median.
 The ComeIR Engram tables run through DMP (world size 1, fused fbgemm kernel) as in evaluation, or
 unsharded (``sparse: unsharded``).
 """
@@ -39,12 +47,14 @@ from comeir_dist.engram.config import EngramConfig
 log = logging.getLogger(__name__)
 
 VARIANT_ORDER = ("flatten", "tm", "comeir")
+DECODING_ORDER = ("normal", "nezha")
 QWEN3_06B = dict(arch="qwen3", hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
                  intermediate_size=3072, max_positions=128, dropout=0.0)
 
 
 class LatencyBenchConfig(Section):
-    """Benchmark setup (defaults = the Qwen3-0.6B-shaped run of configs/bench_latency_qwen3_0.6b.yaml)."""
+    """Benchmark setup (defaults = the Qwen3-0.6B-shaped run of configs/bench_latency_qwen3_0.6b.yaml, except
+    ``decodings``: the shipped configs time [normal, nezha], the built-in default Normal GR only)."""
 
     backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(**QWEN3_06B))
     engram: EngramConfig = Field(default_factory=lambda: EngramConfig(s_s=0.5, s_t=1.0))
@@ -58,6 +68,10 @@ class LatencyBenchConfig(Section):
     warmup: int = Field(1, ge=0)
     reps: int = Field(3, ge=1)
     variants: list[Literal["flatten", "tm", "comeir"]] = Field(default_factory=lambda: list(VARIANT_ORDER))
+    decodings: list[Literal["normal", "nezha"]] = Field(
+        default_factory=lambda: ["normal"], description="Generation architectures timed for every variant "
+        "(the shipped configs time both: [normal, nezha]).")
+    nezha_delta: Literal["code", "code_context"] = Field("code", description="NEZHA transition input (model.nezha_delta).")
     sparse: Literal["fused", "unsharded"] = Field("fused", description="Engram tables: DMP fused kernel (as in evaluation) or a plain EBC.")
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
     seed: Seed = 0
@@ -72,7 +86,19 @@ class LatencyBenchConfig(Section):
             raise ValueError(f"num_items={self.num_items} > C**L: cannot draw distinct SIDs")
         if not self.variants or len(set(self.variants)) != len(self.variants):
             raise ValueError("variants must be a non-empty list without repeats")
+        if not self.decodings or len(set(self.decodings)) != len(self.decodings):
+            raise ValueError("decodings must be a non-empty list without repeats")
         return self
+
+
+def label(variant: str, decoding: str) -> str:
+    """Name of one timed model: the variant for Normal GR, ``variant-nezha`` for NEZHA."""
+    return variant if decoding == "normal" else f"{variant}-{decoding}"
+
+
+def timed_models(cfg: LatencyBenchConfig) -> list[tuple[str, str, str]]:
+    """(label, variant, decoding) of every timed model, decodings in config order, variants within each."""
+    return [(label(v, d), v, d) for d in cfg.decodings for v in cfg.variants]
 
 
 # ---- setup -------------------------------------------------------------------------------------------
@@ -87,7 +113,8 @@ def synthetic_catalog(cfg: LatencyBenchConfig, rng: np.random.Generator):
 
 
 def build_variants(cfg: LatencyBenchConfig) -> dict[str, torch.nn.Module]:
-    """The requested variants on ONE shared backbone and catalog, in eval mode."""
+    """Every (variant, decoding) on ONE shared backbone and catalog, in eval mode, keyed by :func:`label`.
+    ComeIR under both decodings also shares one set of Engram tables."""
     from comeir_dist.decode.trie import PrefixTrie
     from comeir_dist.model.backbone import build_backbone
     from comeir_dist.model.baselines import GenerativeBaseline
@@ -103,20 +130,26 @@ def build_variants(cfg: LatencyBenchConfig) -> dict[str, torch.nn.Module]:
     backbone = build_backbone(cfg.backbone).eval()
     trie = PrefixTrie.from_codes(codes_t, cfg.engram.codebook_size)
     models: dict[str, torch.nn.Module] = {}
-    for v in cfg.variants:
+    tables = None
+    for name, v, dec in timed_models(cfg):
         torch.manual_seed(cfg.seed + 1)
         if v == "comeir":
             fused = cfg.sparse == "fused"
             m = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, cfg.token_dim, cfg.window, set(),
-                            sparse_device="meta" if fused else "cpu")
-            if fused:
+                            sparse_device="meta" if fused or tables is not None else "cpu",
+                            decoding=dec, nezha_delta=cfg.nezha_delta)
+            if tables is not None:
+                m.tables = tables
+            elif fused:
                 from comeir_dist.parallel.engram_tables import shard_engram_tables
 
                 shard_engram_tables(m.tables, cfg.engram, device="cpu")
+            tables = m.tables
         else:
-            m = GenerativeBaseline(v, catalog, cb, backbone, cfg.token_dim)
+            m = GenerativeBaseline(v, catalog, cb, backbone, cfg.token_dim, decoding=dec,
+                                   nezha_delta=cfg.nezha_delta, window=cfg.window)
             m.trie = trie
-        models[v] = m.eval()
+        models[name] = m.eval()
     return models
 
 
@@ -172,15 +205,18 @@ def peak_rss_gib() -> float:
 
 
 def variant_shapes(cfg: LatencyBenchConfig) -> dict[str, dict]:
-    """Backbone work per variant and the flatten/TM KV-cache size at the deepest level (fp32)."""
+    """Backbone work per timed model and the flatten/TM KV-cache size at the deepest level (fp32).
+    NEZHA: the prefill also holds the L placeholders; no cached decode step."""
     b, L, n, k = cfg.backbone, cfg.engram.levels, cfg.history, cfg.beam_size
     head_dim = b.head_dim or b.hidden_size // b.num_heads
     per_token = 2 * b.num_layers * b.num_kv_heads * head_dim * 4  # K and V, fp32
     out = {}
-    for v in cfg.variants:
+    for name, v, dec in timed_models(cfg):
         tokens = n * L if v == "flatten" else n
-        steps = 0 if v == "comeir" else L - 1
-        out[v] = {"input_tokens_per_user": tokens, "backbone_prefill_tokens": cfg.batch_size * tokens,
+        steps = 0 if v == "comeir" or dec == "nezha" else L - 1
+        prefill = tokens + (L if dec == "nezha" else 0)
+        out[name] = {"variant": v, "decoding": dec, "input_tokens_per_user": tokens,
+                     "backbone_prefill_tokens": cfg.batch_size * prefill,
                   "backbone_decode_steps": steps, "backbone_decode_rows_per_step": cfg.batch_size * k if steps else 0,
                   "kv_cache_gib_max": round(cfg.batch_size * k * (tokens + L - 1) * per_token / 2**30, 3) if steps else 0.0}
     return out
@@ -233,16 +269,25 @@ def run_latency_bench(cfg: LatencyBenchConfig, out: Optional[str] = None, profil
 
 
 def _report(cfg: LatencyBenchConfig, times: dict, live: dict, info: dict, build_s: float, complete: bool) -> dict:
-    results = {v: {**summarize(ts), "live_beam_fraction": live[v]} for v, ts in times.items()}
+    kinds = {name: (v, d) for name, v, d in timed_models(cfg)}
+    results = {n: {"variant": kinds[n][0], "decoding": kinds[n][1], **summarize(ts), "live_beam_fraction": live[n]}
+               for n, ts in times.items()}
+    medians: dict[str, dict[str, float]] = {}
+    for r in results.values():
+        medians.setdefault(r["variant"], {})[r["decoding"]] = r["median_ms"]
     report = {"benchmark": "generation latency per batch (history encoding + constrained beam search)",
-              "complete": complete, "results": results, "config": cfg.model_dump(mode="json"),
+              "complete": complete, "results": results, "medians_ms": medians, "config": cfg.model_dump(mode="json"),
               "shapes": variant_shapes(cfg),
               "machine": {**info, "loadavg_end": list(os.getloadavg()), "peak_rss_gib": peak_rss_gib(),
                           "build_s": round(build_s, 2)}}
-    if "comeir" in results:
+    for dec in cfg.decodings:  # flatten / tm over comeir under the same architecture
+        comeir = results.get(label("comeir", dec))
         for v in ("flatten", "tm"):
-            if v in results:
-                report[f"speedup_{v}_over_comeir"] = results[v]["median_ms"] / results["comeir"]["median_ms"]
+            other = results.get(label(v, dec))
+            if comeir and other:
+                report[f"speedup_{v}_over_comeir_{dec}"] = other["median_ms"] / comeir["median_ms"]
+                if dec == "normal":
+                    report[f"speedup_{v}_over_comeir"] = report[f"speedup_{v}_over_comeir_normal"]
     return report
 
 
@@ -255,7 +300,7 @@ def _write(out: str, report: dict) -> None:
 
 
 def plot_latency(report: dict, path: Path) -> None:
-    """Bar chart: median ms per variant, whiskers min..max over the repetitions."""
+    """Bar chart: median ms per timed model, whiskers min..max over the repetitions (NEZHA bars hatched)."""
     from comeir_dist.utils.plotting import pyplot, save_figure
 
     res = report["results"]
@@ -266,10 +311,15 @@ def plot_latency(report: dict, path: Path) -> None:
     c = report["config"]
     fig, ax = pyplot().subplots(figsize=(5.6, 3.8), dpi=110)
     colors = {"flatten": "tab:gray", "tm": "tab:orange", "comeir": "tab:blue"}
-    ax.bar(names, med, yerr=[lo, hi], capsize=6, color=[colors[v] for v in names])
+    bars = ax.bar(names, med, yerr=[lo, hi], capsize=6, color=[colors[res[n]["variant"]] for n in names])
+    for bar, n in zip(bars, names):
+        if res[n]["decoding"] == "nezha":
+            bar.set_hatch("//")
     for i, m in enumerate(med):
-        ratio = f"  ({m / res['comeir']['median_ms']:.2f}x ComeIR)" if "comeir" in res and names[i] != "comeir" else ""
-        ax.annotate(f"{m:,.0f} ms{ratio}", (i, m), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        ref = label("comeir", res[names[i]]["decoding"])  # ratio to ComeIR under the same decoding
+        ratio = f"\n({m / res[ref]['median_ms']:.2f}x ComeIR)" if ref in res and names[i] != ref else ""
+        ax.annotate(f"{m:,.0f} ms{ratio}", (i, m), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel("ms per batch (median; whiskers min..max)")
     ax.set_title(f"generation latency: batch {c['batch_size']}, beam {c['beam_size']}, history {c['history']}, "
                  f"backbone {c['backbone']['hidden_size']} x {c['backbone']['num_layers']} layers", fontsize=8)
@@ -278,7 +328,7 @@ def plot_latency(report: dict, path: Path) -> None:
 
 
 def profile_variants(models: dict, cfg: LatencyBenchConfig, rng: np.random.Generator, top: int = 15) -> dict:
-    """torch.profiler table (self CPU time, top ops) of one generation per variant."""
+    """torch.profiler table (self CPU time, top ops) of one generation per timed model."""
     from torch.profiler import ProfilerActivity, profile
 
     items = synthetic_histories(cfg, rng)
@@ -300,16 +350,18 @@ def markdown_table(report: dict) -> str:
              f"intermediate {b['intermediate_size']} (random weights, shared by all variants). "
              f"Catalog: {cfg['num_items']} random distinct SIDs. Engram s_S={cfg['engram']['s_s']}, "
              f"s_T={cfg['engram']['s_t']}, d_m={cfg['engram']['d_m']}, tables: {cfg['sparse']}.", "",
-             "| variant | input tokens/user | median ms | p25 | p75 | min | max | reps |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | decoding | input tokens/user | median ms | p25 | p75 | min | max | reps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v, r in res.items():
-        lines.append(f"| {v} | {shapes[v]['input_tokens_per_user']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f} | "
-                     f"{r['p75_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['reps']} |")
+        lines.append(f"| {r.get('variant', v)} | {r.get('decoding', 'normal')} | {shapes[v]['input_tokens_per_user']} | "
+                     f"{r['median_ms']:.1f} | {r['p25_ms']:.1f} | {r['p75_ms']:.1f} | {r['min_ms']:.1f} | "
+                     f"{r['max_ms']:.1f} | {r['reps']} |")
     lines.append("")
-    for v in ("flatten", "tm"):
-        key = f"speedup_{v}_over_comeir"
-        if key in report:
-            lines.append(f"- {v} / comeir (median latency): **{report[key]:.2f}x**")
+    for dec in DECODING_ORDER:
+        for v in ("flatten", "tm"):
+            key = f"speedup_{v}_over_comeir_{dec}"
+            if key in report:
+                lines.append(f"- {v} / comeir, {dec} (median latency): **{report[key]:.2f}x**")
     m = report["machine"]
     if not report.get("complete", True):
         lines += ["", "**Partial report: the run did not finish all repetitions.**"]

@@ -4,9 +4,14 @@
 * tm (token merge, GenRec-style): the L code embeddings of an item are concatenated and linearly
   projected to one input vector per item.
 
-Both generate the L target codes autoregressively: position T-1 (last history input) predicts code 1,
-the embedding of the chosen code l is fed back to predict code l+1, with one output layer per level
-over that level's codebook. Decoding reuses the KV cache; beams reorder it by their parent index.
+Normal GR (``decoding="normal"``): the L target codes are generated autoregressively: position T-1
+(last history input) predicts code 1, the embedding of the chosen code l is fed back to predict code l+1,
+with one output layer per level over that level's codebook. Decoding reuses the KV cache; beams reorder it
+by their parent index: L-1 cached backbone steps over B*K beams.
+
+NEZHA (``decoding="nezha"``, App. B.2.3): the backbone runs once over [inputs; p_1..p_L] (Eq. 40) and the
+level-l output layer scores xi_l = h_u^l + h_l (Eq. 41) instead of the autoregressive backbone state; the
+generated code reaches the next level through the GRU recurrence (Eq. 42, nezha.py), one state per beam.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from torch import nn
 
 from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.history import Catalog, HistoryBatch
+from comeir_dist.model.nezha import NezhaBeams, NezhaDecoding
 from comeir_dist.model.token_embedding import SidTokenEmbedding
 
 
 class GenerativeBaseline(nn.Module):
-    def __init__(self, variant: str, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module, token_dim: int):
+    def __init__(self, variant: str, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module, token_dim: int,
+                 decoding: str = "normal", nezha_delta: str = "code", window: int = 4):
         super().__init__()
         assert variant in ("flatten", "tm")
         self.variant = variant
@@ -30,19 +37,31 @@ class GenerativeBaseline(nn.Module):
         self.tokens = SidTokenEmbedding(codebooks, token_dim, d)
         self.merge = nn.Linear(self.levels * d, d) if variant == "tm" else None
         self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))
+        self.decoding = decoding
+        self.nezha = NezhaDecoding(self.levels, d, nezha_delta, window) if decoding == "nezha" else None
 
     # ---- inputs ---------------------------------------------------------------------------
     def history_inputs(self, batch: HistoryBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask, _ = self._inputs(batch, with_items=False)
+        return x, mask
+
+    def _inputs(self, batch: HistoryBatch, with_items: bool = True):
+        """(backbone inputs, their mask, one vector per history item ``[B, N, d]`` or None): the item vector is
+        the merged input (tm) or the mean of the item's token embeddings (flatten), read by NEZHA's
+        ``code_context`` Delta."""
         codes = self.catalog.item_codes(batch.items)  # [B, N, L]
         tok = self.tokens(codes)  # [B, N, L, d]
         mask = batch.mask
         if self.variant == "tm":
-            return self.merge(tok.flatten(-2)), mask
+            merged = self.merge(tok.flatten(-2))
+            return merged, mask, merged
         b, n, l, d = tok.shape
-        return tok.reshape(b, n * l, d), mask.repeat_interleave(l, dim=1)
+        return tok.reshape(b, n * l, d), mask.repeat_interleave(l, dim=1), tok.mean(dim=-2) if with_items else None
 
     # ---- training (teacher forcing, Eq. 3) ---------------------------------------------------
     def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
+        if self.nezha is not None:
+            return self._nezha_level_logits(batch, target_codes)
         x, mask = self.history_inputs(batch)
         t = x.shape[1]
         fed = self.tokens(target_codes[:, : self.levels - 1])  # codes 1..L-1 fed back
@@ -53,7 +72,10 @@ class GenerativeBaseline(nn.Module):
 
     # ---- decoding ----------------------------------------------------------------------------
     def decoder(self, batch: HistoryBatch):
-        """A ``step_fn`` for :func:`comeir_dist.decode.beam.beam_search` that keeps a KV cache per beam."""
+        """A ``step_fn`` for :func:`comeir_dist.decode.beam.beam_search` that keeps a KV cache per beam
+        (NEZHA: a recurrent state per beam, no backbone step after the first)."""
+        if self.nezha is not None:
+            return self._nezha_decoder(batch)
         x, mask = self.history_inputs(batch)
         state = {}
 
@@ -73,5 +95,23 @@ class GenerativeBaseline(nn.Module):
             h, cache = run_backbone(self.backbone, new, full_mask, past=cache, use_cache=True, position_offset=pos)
             state.update(cache=cache, mask=full_mask, k=k, pos=pos + 1)
             return self.out[level](h[:, -1]).reshape(b, k, -1)
+
+        return step
+
+    # ---- NEZHA (Eq. 40-42) ---------------------------------------------------------------------
+    def _nezha_level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
+        x, mask, items = self._inputs(batch)
+        h_u, h_p = self.nezha.encode(self.backbone, x, mask)
+        fed = self.tokens(target_codes[:, : self.levels - 1])  # teacher forcing drives the GRU (Alg. 1 line 22)
+        xis = self.nezha.teacher_forced(h_u, h_p, fed, items, batch.mask)
+        return [self.out[l](xi) for l, xi in enumerate(xis)]
+
+    def _nezha_decoder(self, batch: HistoryBatch):
+        x, mask, items = self._inputs(batch)
+        h_u, h_p = self.nezha.encode(self.backbone, x, mask)
+        beams = NezhaBeams(self.nezha, h_u, h_p, items, batch.mask, self.tokens)
+
+        def step(level: int, prefixes: torch.Tensor, parent: torch.Tensor | None) -> torch.Tensor:
+            return self.out[level](beams.states(level, prefixes, parent))
 
         return step

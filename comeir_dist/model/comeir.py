@@ -1,6 +1,13 @@
-"""ComeIR generative recommender (Normal GR): item-level inputs from SID tokens + Engram memories,
-an HF backbone producing h_u, and the memory-restoring head decoding the next SID (Algorithms 1-2)."""
+"""ComeIR generative recommender: item-level inputs from SID tokens + Engram memories, an HF backbone
+producing h_u, and the memory-restoring head decoding the next SID (Algorithms 1-2).
+
+``decoding="normal"`` (Normal GR, App. B.2.3): zeta_l = h_u for every level (Alg. 1 lines 8-9, Alg. 2 line 4).
+``decoding="nezha"``: placeholders + per-level recurrent state (Eq. 40-42, nezha.py); the head reads with
+zeta_l = xi_l (Alg. 1 line 17, Alg. 2 line 14), which during beam search differs per beam (:func:`per_beam_logits`).
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -11,7 +18,8 @@ from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.comeir_encoder import ComeIREncoder, history_units
 from comeir_dist.model.engram_memory import EngramLookup, EngramTables
 from comeir_dist.model.history import Catalog, HistoryBatch
-from comeir_dist.model.memory_head import MemoryHead
+from comeir_dist.model.memory_head import HeadRequest, MemoryHead
+from comeir_dist.model.nezha import NezhaBeams, NezhaDecoding
 from comeir_dist.model.token_embedding import SidTokenEmbedding
 
 
@@ -20,7 +28,8 @@ class ComeIRModel(nn.Module):
 
     def __init__(self, ecfg: EngramConfig, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module,
                  trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
-                 head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True):
+                 head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True,
+                 decoding: str = "normal", nezha_delta: str = "code"):
         super().__init__()
         self.catalog, self.backbone, self.trie = catalog, backbone, trie
         self.levels, self.codebook_size = codebooks.shape[0], codebooks.shape[1]
@@ -40,6 +49,8 @@ class ComeIRModel(nn.Module):
         self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max,
                                interaction=head_interaction, memory_grad=head_memory_grad)
         self.tables = EngramTables(ecfg, device=sparse_device)  # the sparse part (sharded by parallel/)
+        self.decoding = decoding
+        self.nezha = NezhaDecoding(self.levels, d, nezha_delta, window) if decoding == "nezha" else None
 
     def _encode(self, batch: HistoryBatch, extra_requests=None):
         codes = self.catalog.item_codes(batch.items)
@@ -50,8 +61,12 @@ class ComeIRModel(nn.Module):
         extra = extra_requests(lp, units, mask) if extra_requests else None
         lp.run(self.tables)
         r, s0 = self.encoder(self.tokens(codes), self.catalog.item_emb(batch.items), codes, mask, units, lp, handles)
-        h, _ = run_backbone(self.backbone, r, mask)
-        return dict(h=h[:, -1], s0=s0, mask=mask, units=units, lp=lp, extra=extra)
+        out = dict(s0=s0, mask=mask, units=units, lp=lp, extra=extra)
+        if self.nezha is None:
+            h, _ = run_backbone(self.backbone, r, mask)
+            return dict(out, h=h[:, -1])
+        h_u, h_p = self.nezha.encode(self.backbone, r, mask)  # Eq. 40: one pass over [R^I; p_1..p_L]
+        return dict(out, h=h_u, h_p=h_p)
 
     def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher forcing (Eq. 12): logits ``[B, C]`` per level for the ground-truth prefixes."""
@@ -65,18 +80,51 @@ class ComeIRModel(nn.Module):
             return reqs
 
         enc = self._encode(batch, head_requests)
-        return [self.head.logits(enc["lp"], req, enc["h"], enc["s0"], enc["mask"],
-                                 self.tokens.level_table(req.level - 1))[:, 0] for req in enc["extra"]]
+        if self.nezha is None:
+            zetas = [enc["h"]] * self.levels
+        else:  # zeta_l = xi_l, recurrence driven by the ground-truth codes (teacher forcing, Alg. 1 line 22)
+            zetas = self.nezha.teacher_forced(enc["h"], enc["h_p"], self.tokens(target_codes[:, : self.levels - 1]),
+                                              enc["s0"], enc["mask"])
+        return [self.head.logits(enc["lp"], req, zeta, enc["s0"], enc["mask"],
+                                 self.tokens.level_table(req.level - 1))[:, 0] for req, zeta in zip(enc["extra"], zetas)]
 
     def decoder(self, batch: HistoryBatch):
-        """``step_fn`` for beam search: h_u is computed once; each level reads the memories of its candidates."""
+        """``step_fn`` for beam search: the backbone runs once; each level reads the memories of its candidates
+        (NEZHA: with each beam's own state xi_l, reordered with the beams' parents)."""
         enc = self._encode(batch)
+        beams = None if self.nezha is None else NezhaBeams(self.nezha, enc["h"], enc["h_p"], enc["s0"], enc["mask"],
+                                                           self.tokens)
 
         def step(level: int, prefixes: torch.Tensor, parent) -> torch.Tensor:
             lp = self.lookup.new_pass()
             valid = self.trie.valid_mask(prefixes, level=level)
             req = self.head.request(lp, level + 1, prefixes, valid, enc["units"], enc["mask"])
             lp.run(self.tables)
-            return self.head.logits(lp, req, enc["h"], enc["s0"], enc["mask"], self.tokens.level_table(level))
+            table = self.tokens.level_table(level)
+            if beams is None:
+                return self.head.logits(lp, req, enc["h"], enc["s0"], enc["mask"], table)
+            xi = beams.states(level, prefixes, parent)  # [B, K, d]
+            return per_beam_logits(self.head, lp, req, xi, enc["s0"], enc["mask"], table)
 
         return step
+
+
+def per_beam_logits(head: MemoryHead, lp, req: HeadRequest, zeta: torch.Tensor, s0: torch.Tensor,
+                    mask: torch.Tensor, code_emb: torch.Tensor) -> torch.Tensor:
+    """``head.logits`` with one state per beam, ``zeta [B, K, d]`` -> ``[B, K, C]``.
+
+    The head takes one zeta per row of its batch and gathers it per (beam, candidate) pair with ``req.b``
+    (W_H zeta, the intra read R^S(zeta, .), the decode query q^D(zeta) of Eq. 23, 25). Folding (user, beam)
+    into that row dimension -- pair (b, k, x) becomes row b*K + k of a K=1 request -- gives every beam its
+    own zeta without touching the head; the Engram keys and their lookups are those of ``req`` (built per
+    user, M pairs) and are reused as they are. s^0 / mask enter only through the decode query over the last
+    ``window`` items (Eq. 25), so only that window is repeated per beam."""
+    b, k, c = req.shape
+    if k == 1:
+        return head.logits(lp, req, zeta[:, 0], s0, mask, code_emb)
+    flat = dataclasses.replace(req, b=req.b * k + req.k, k=torch.zeros_like(req.k), shape=(b * k, 1, c),
+                               prefixes=req.prefixes.reshape(b * k, 1, req.prefixes.shape[-1]))
+    w = head.window
+    s0_w = s0[:, -w:].repeat_interleave(k, dim=0)
+    mask_w = mask[:, -w:].repeat_interleave(k, dim=0)
+    return head.logits(lp, flat, zeta.reshape(b * k, -1), s0_w, mask_w, code_emb).reshape(b, k, c)

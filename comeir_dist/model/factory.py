@@ -1,4 +1,5 @@
-"""Build any variant (comeir / flatten / tm) from a RunConfig, the SID table and the item embeddings."""
+"""Build any variant (comeir / flatten / tm) x decoding (normal / nezha) from a RunConfig, the SID table and
+the item embeddings."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,6 +22,7 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
                         f"engram.codebook_size={cfg.engram.codebook_size}")
     if codes.shape[0] != item_emb.shape[0]:
         raise UserError(f"SID table has {codes.shape[0]} items but item embeddings have {item_emb.shape[0]}")
+    check_positions(cfg)  # before the backbone is built
     codes_t = torch.as_tensor(codes, dtype=torch.long)
     catalog = Catalog(codes_t, torch.as_tensor(item_emb, dtype=torch.float32))
     backbone = build_backbone(cfg.model.backbone)
@@ -30,8 +32,22 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
     if m.variant == "comeir":
         model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
-                            memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad)
+                            memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
+                            decoding=m.decoding, nezha_delta=m.nezha_delta)
     else:
-        model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim)
+        model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
+                                   nezha_delta=m.nezha_delta, window=m.window)
         model.trie = trie
     return model
+
+
+def check_positions(cfg: RunConfig) -> None:
+    """NEZHA appends L placeholders to the inputs (Eq. 40): the backbone needs inputs + L positions.
+    (Normal GR's needs are checked by RunConfig; a local checkpoint brings its own, larger, limit.)"""
+    m, levels = cfg.model, cfg.engram.levels
+    if m.decoding != "nezha" or m.backbone.path:
+        return
+    inputs = cfg.max_history * (levels if m.variant == "flatten" else 1)
+    if m.backbone.max_positions < inputs + levels:
+        raise UserError(f"model.backbone.max_positions={m.backbone.max_positions} < {inputs + levels} needed by "
+                        f"{m.variant} with model.decoding=nezha (inputs {inputs} + {levels} placeholders)")

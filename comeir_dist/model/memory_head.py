@@ -164,7 +164,8 @@ def _projected_read(read: nn.Module, proj: nn.Linear, q: torch.Tensor, addr: tor
     that is cheaper (wide backbones). Reading ``proj.weight`` directly is safe there: inference runs with
     full weights (ZeRO-3 validation gathers them, ``DenseEngine.inference``); with autograd the module
     is called, so ZeRO-3 gathers its weight for the call."""
-    if torch.is_grad_enabled():
+    # ZeRO-3 partitions the weight between module calls (``ds_id``): only a module call gathers it
+    if torch.is_grad_enabled() or hasattr(proj.weight, "ds_id"):
         return proj(read(q, addr, valid, q_index=q_index))
     return read(q, addr, valid, q_index=q_index, proj=proj.weight)
 

@@ -228,7 +228,7 @@ def test_count_dense_params_matches_a_real_build(tmp_path):
     assert got.trainable == sum(p.numel() for p in real)
     assert got.params == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tables."))
     assert got.buffer_bytes == 10 * (D * 4 + L * 8) + L * C * D * 4
-    # a local HF checkpoint dir is counted from its config.json (all backbone params trainable)
+    # a local HF checkpoint dir is counted from its config.json (its unused token table frozen, as in training)
     ck = tmp_path / "hf"
     hf = Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                      intermediate_size=64, vocab_size=100, head_dim=16, tie_word_embeddings=False)
@@ -241,7 +241,8 @@ def test_count_dense_params_matches_a_real_build(tmp_path):
     n_bb = sum(p.numel() for p in model.backbone.parameters())
     n_bb_train = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     assert counted.params == got.params - n_bb + n_hf
-    assert counted.trainable == got.trainable - n_bb_train + n_hf
+    n_tok = hf.vocab_size * hf.hidden_size
+    assert counted.trainable == got.trainable - n_bb_train + n_hf - n_tok
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
