@@ -26,7 +26,7 @@ $(error DEVICE=$(DEVICE): allowed values: cpu, cuda)
 endif
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-unit test-distributed test-integration demo clean
+.PHONY: setup test test-slow test-unit test-distributed test-integration demo clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# the slow tests alone (multi-node Ray with a node killed mid-run, 2-rank bench): CI runs them after `make test`
+test-slow: setup
+	COMEIR_SLOW_TESTS=1 $(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)

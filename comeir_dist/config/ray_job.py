@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -25,6 +25,10 @@ class RayTrainConfig(Section):
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts after a worker dies (-1 = unlimited); "
                               "each restart resumes from the last reported checkpoint.")
     local_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray instance (None = all).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy of the worker group (ScalingConfig.placement_strategy): "
+        "PACK = as few nodes as possible; STRICT_SPREAD = one worker per node (the job waits until there are "
+        "parallel.world_size nodes with a worker's resources free); SPREAD / STRICT_PACK as in Ray.")
 
     def run_name(self, out: str) -> str:
         """``name`` if set, else :func:`default_run_name` of ``out``."""

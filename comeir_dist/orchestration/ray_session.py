@@ -1,4 +1,13 @@
-"""Connect to the Ray cluster at RAY_ADDRESS (or a given address) or start a local instance."""
+"""Connect to the Ray cluster at RAY_ADDRESS (or a given address) or start a local instance.
+
+Without an address (argument or RAY_ADDRESS) a NEW local instance is started (``ray.init(address="local")``):
+a bare ``ray.init()`` would instead attach to the cluster named in ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``
+(written by the last ``ray start``) and fail with "Failed to connect to Ray cluster at <address>" once that
+head has died. To use a cluster started with ``ray start``, pass its address or set RAY_ADDRESS (``ray job
+submit`` sets it for the job). A local instance has Ray's default token authentication (Ray >= 2.59:
+``RAY_AUTH_MODE`` unset = token, the token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token,
+generated there if missing) and its dashboard, when started, listens on 127.0.0.1 only.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +29,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 dashboard: bool = False) -> Iterator[None]:
-    """Use an already-initialised Ray, connect to ``address``/RAY_ADDRESS, or start a local Ray.
+    """Use an already-initialised Ray, connect to ``address``/RAY_ADDRESS, or start a local Ray (never the
+    cluster of a leftover ``ray_current_cluster`` file, see the module doc).
 
     A local instance started here is shut down on exit; an existing connection is left alone.
     ``dashboard``: start the local dashboard too (Ray Train V2's placement-group cleaner polls the state API,
@@ -33,11 +43,12 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
     else:
         extra = {"dashboard_host": "127.0.0.1", "dashboard_port": _free_port()} if dashboard else {}
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, **extra,
+        log.info("starting a local Ray instance (no ray.address / RAY_ADDRESS given)")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, **extra,
                  configure_logging=False)
     try:
         yield

@@ -128,6 +128,9 @@ def run_ray_train(cfg: RunConfig, overwrite: bool = False) -> dict:
 
     cfg = resolve_worker_device(absolute_paths(cfg))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if cfg.ray.placement_strategy == "STRICT_SPREAD" and cfg.parallel.world_size > 1 and address in (None, "", "local"):
+        raise UserError(f"ray.placement_strategy STRICT_SPREAD puts each of the {cfg.parallel.world_size} workers on "
+                        f"its own node; a local Ray instance is one node (use PACK, or join a cluster)")
     preflight_memory_plan(cfg, local=not address)
     from comeir_dist.utils.output_guard import claim_out_dir, run_fingerprint
 
@@ -141,18 +144,23 @@ def run_ray_train(cfg: RunConfig, overwrite: bool = False) -> dict:
         if rc.cpus_per_worker * world > cluster_cpus:
             raise UserError(f"parallel.world_size {world} x ray.cpus_per_worker {rc.cpus_per_worker:g} CPUs > the "
                             f"cluster's {cluster_cpus:g}; lower --num-workers or --cpus-per-worker")
+        if rc.placement_strategy == "STRICT_SPREAD" and world > 1:
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if nodes < world:
+                log.warning("ray.placement_strategy STRICT_SPREAD: %d worker(s) need %d nodes, the cluster has %d "
+                            "alive; the run waits until enough nodes have joined", world, world, nodes)
         run_id = uuid.uuid4().hex  # scopes the attempt records of this fit (attempts.py)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.model_dump(mode="json"), "run_id": run_id},
             scaling_config=ScalingConfig(num_workers=world, use_gpu=rc.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources, placement_strategy=rc.placement_strategy),
             torch_config=TorchConfig(backend=cfg.parallel.backend, timeout_s=1800),
             run_config=RayRunConfig(name=name, storage_path=rc.storage_path,
                                     failure_config=FailureConfig(max_failures=rc.max_failures),
                                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.parallel.keep_checkpoints)))
-        log.info("Ray Train: %d worker(s) x %s, backend %s, storage %s/%s, max_failures %d", world, resources,
-                 cfg.parallel.backend, rc.storage_path, name, rc.max_failures)
+        log.info("Ray Train: %d worker(s) x %s (%s), backend %s, storage %s/%s, max_failures %d", world, resources,
+                 rc.placement_strategy, cfg.parallel.backend, rc.storage_path, name, rc.max_failures)
         try:
             result = trainer.fit()
         except Exception as exc:  # TrainingFailedError wraps the worker's exception
