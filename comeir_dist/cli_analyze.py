@@ -4,6 +4,10 @@
 every validation and test instance (Ding et al., "How Well Does Generative Recommendation Generalize?") and
 the runs' Hit/NDCG@{5,10} per category with bootstrap CIs; see :mod:`comeir_dist.analysis.memgen_report`.
 Exit status 0, or 2 with one line on a bad flag, a missing dataset / SIDs, or a run without per-user results.
+
+``comeir analyze ensemble --gr RUN_OR_TOPN --id RUN_OR_TOPN [--top 50] --out DIR``: fixed-weight and adaptive
+(``alpha = sigmoid(k (MSP - tau))``) fusion of a SID model with SASRec from their ``comeir evaluate --save-top``
+files, parameters chosen on validation, reported on test; see :mod:`comeir_dist.analysis.ensemble`.
 """
 from __future__ import annotations
 
@@ -40,6 +44,43 @@ def run_memgen_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ensemble_flags(p: argparse.ArgumentParser) -> None:
+    from comeir_dist.cli import add_overwrite_flag
+
+    where = ("a dir holding valid.top.parquet and test.top.parquet -- the run dir or its top/ (comeir evaluate "
+             "--split valid|test --out RUN/top/<split>.json --save-top N) -- or one of those files")
+    p.add_argument("--gr", required=True, metavar="RUN_OR_TOPN", help="the generative (SID) model: " + where)
+    p.add_argument("--id", required=True, metavar="RUN_OR_TOPN", help="the SASRec item-ID model: " + where)
+    p.add_argument("--top", type=int, default=50, help="top-N of each model fused per instance (default 50)")
+    p.add_argument("--out", required=True, help="output dir: ensemble.json, ensemble.md")
+    p.add_argument("--k-grid", dest="k_grid", default=None,
+                   help="comma-separated slopes k of the adaptive weight (default 1,2,5,10,20,50,100)")
+    p.add_argument("--json", action="store_true", help="print ensemble.json instead of the markdown")
+    add_overwrite_flag(p)
+
+
+def run_ensemble_cli(args: argparse.Namespace) -> int:
+    import json
+
+    from comeir_dist.analysis.ensemble import K_GRID, run_ensemble
+    from comeir_dist.errors import UserError
+
+    k_grid = K_GRID
+    if args.k_grid is not None:
+        try:
+            k_grid = tuple(float(x) for x in args.k_grid.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--k-grid: {args.k_grid!r}; comma-separated numbers, e.g. 1,5,20") from None
+    rep = run_ensemble(args.gr, args.id, args.out, top=args.top, k_grid=k_grid, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        from pathlib import Path
+
+        print((Path(args.out) / "ensemble.md").read_text())
+    return 0
+
+
 def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     from comeir_dist.cli import command
 
@@ -49,9 +90,14 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("memgen", help="label valid/test instances as memorization / generalization (type, hop) "
                         "/ uncategorized plus token-level prefix memorization; per-category Hit/NDCG of runs")
     add_memgen_flags(q)
+    q = asub.add_parser("ensemble", help="fuse a SID model with SASRec per instance (fixed weight and adaptive "
+                        "sigmoid(k (MSP - tau))), chosen on validation NDCG@10, reported on test")
+    add_ensemble_flags(q)
 
     @command("analyze")
     def _analyze(args) -> int:
         if args.analyze_cmd == "memgen":
             return run_memgen_cli(args)
+        if args.analyze_cmd == "ensemble":
+            return run_ensemble_cli(args)
         raise AssertionError(args.analyze_cmd)

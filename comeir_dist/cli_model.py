@@ -16,7 +16,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (configs/*.yaml)")
     p.add_argument("--dataset")
     p.add_argument("--sid-method", dest="sid_method")
-    p.add_argument("--variant", help="comeir | flatten | tm")
+    p.add_argument("--variant", help="comeir | flatten | tm | sasrec")
     p.add_argument("--decoding", choices=["normal", "nezha"], help="generation architecture (model.decoding)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
@@ -67,7 +67,7 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
     _add_train_flags(p)
     add_overwrite_flag(p)
 
-    p = sub.add_parser("evaluate", help="constrained beam-search evaluation of a checkpoint")
+    p = sub.add_parser("evaluate", help="evaluation of a checkpoint (constrained beam search; sasrec: all items)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/train/comeir/best)")
     p.add_argument("--split", default="test", help="valid | test")
     p.add_argument("--out", help="metrics JSON path (per-user top items go to <out>.users.parquet)")
@@ -79,16 +79,23 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=None)
     p.add_argument("--ray-address", dest="ray_address", default=None)
     p.add_argument("--ray-num-cpus", dest="ray_num_cpus", type=int, default=None)
+    p.add_argument("--save-top", dest="save_top", type=int, default=None, metavar="N",
+                   help="also write each user's top-N items with scores (beam log-probabilities; sasrec: logits and "
+                        "the max softmax probability) to <out>.top.parquet; SID models search with a beam >= N")
 
     p = sub.add_parser("experiment", help="train + evaluate several variants x seeds; results table")
     _add_train_flags(p)
     add_overwrite_flag(p)
-    p.add_argument("--variants", default="popular,flatten,tm,comeir",
-                   help="comma-separated: comeir, flatten, tm, popular (most-popular-unseen baseline)")
+    p.add_argument("--variants", default=None,  # popular,flatten,tm,comeir; with --arms: flatten
+                   help="comma-separated: comeir, flatten, tm, sasrec (item-ID baseline), popular "
+                        "(most-popular-unseen baseline)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
     p.add_argument("--label", help="table label of this (single) variant, e.g. comeir-st8 (default: the variant)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (YAML value), e.g. --set engram.s_t=8; repeatable")
+    p.add_argument("--arms", help="comma-separated named settings, each its own label (train/experiment.py ARMS), "
+                   "e.g. decor-base,decor-comp,decor-comp-bos,decor-pre,decor-pre-comp,decor-full; applied after "
+                   "--set; --variants then defaults to flatten")
 
     @command("train")
     def _train(args) -> int:
@@ -110,12 +117,13 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
             rep = evaluate_with_ray(args.checkpoint, args.split, args.out, args.dataset, num_workers=args.workers,
                                     beam_size=args.beam_size, batch_size=args.batch_size,
                                     ray_address=args.ray_address, max_users=args.max_users,
-                                    cpus_per_worker=args.cpus_per_worker or 1.0, ray_num_cpus=args.ray_num_cpus)
+                                    cpus_per_worker=args.cpus_per_worker or 1.0, ray_num_cpus=args.ray_num_cpus,
+                                    save_top=args.save_top)
         else:
             from comeir_dist.eval.run_eval import run_evaluate
 
             rep = run_evaluate(args.checkpoint, args.split, args.out, args.dataset, args.beam_size, args.batch_size,
-                               args.max_users)
+                               args.max_users, save_top=args.save_top)
         print(json.dumps(rep["metrics"], indent=1))
         return 0
 
@@ -126,7 +134,9 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
 
         from comeir_dist.train.experiment import POPULAR
 
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        arms = [a.strip() for a in (args.arms or "").split(",") if a.strip()] or None
+        default = "flatten" if arms else "popular,flatten,tm,comeir"
+        variants = [v.strip() for v in (args.variants or default).split(",") if v.strip()]
         allowed = (*VARIANTS, POPULAR)
         bad = [v for v in variants if v not in allowed]
         if bad:
@@ -134,6 +144,6 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
         if args.seeds < 1:
             raise UserError(f"--seeds: {args.seeds}; must be >= 1")
         cfg = load_run_config(args, parse_sets(args.sets))
-        table = run_experiment(cfg, variants, args.seeds, label=args.label, overwrite=args.overwrite)
+        table = run_experiment(cfg, variants, args.seeds, label=args.label, overwrite=args.overwrite, arms=arms)
         print(table)
         return 0

@@ -19,9 +19,9 @@ def set_env_defaults() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if "DS_ACCELERATOR" not in os.environ:
-        import torch
+        from comeir_dist.parallel.dist_env import cuda_device_count
 
-        if not torch.cuda.is_available():
+        if not cuda_device_count():  # asks the one device-selection module
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 

@@ -24,6 +24,10 @@ under the same decoding (``speedup_flatten_over_comeir_normal``, ``..._nezha``; 
 every (variant, decoding) median.
 The ComeIR Engram tables run through DMP (world size 1, fused fbgemm kernel) as in evaluation, or
 unsharded (``sparse: unsharded``).
+
+``device`` (default ``cpu``: the published numbers are CPU timings, and ``auto`` would silently change what is
+measured on a GPU host): models, catalog, trie and histories live there; on CUDA every timing is bracketed by
+``torch.cuda.synchronize`` and the report's ``machine`` section names the GPU. The CUDA path has not been run.
 """
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class LatencyBenchConfig(Section):
     nezha_delta: Literal["code", "code_context"] = Field("code", description="NEZHA transition input (model.nezha_delta).")
     sparse: Literal["fused", "unsharded"] = Field("fused", description="Engram tables: DMP fused kernel (as in evaluation) or a plain EBC.")
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where the models run: cpu (default, the "
+        "published CPU numbers), cuda, or auto (cuda when available).")
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -112,14 +118,29 @@ def synthetic_catalog(cfg: LatencyBenchConfig, rng: np.random.Generator):
     return codes, codebooks, emb
 
 
-def build_variants(cfg: LatencyBenchConfig) -> dict[str, torch.nn.Module]:
-    """Every (variant, decoding) on ONE shared backbone and catalog, in eval mode, keyed by :func:`label`.
-    ComeIR under both decodings also shares one set of Engram tables."""
+def bench_device(cfg) -> torch.device:
+    """The benchmark's ``device`` (auto | cpu | cuda) through the one device-selection module."""
+    from comeir_dist.parallel.dist_env import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_variants(cfg: LatencyBenchConfig, device: torch.device | None = None) -> dict[str, torch.nn.Module]:
+    """Every (variant, decoding) on ONE shared backbone and catalog, in eval mode, keyed by :func:`label`, on
+    ``device`` (None = ``cfg.device``). ComeIR under both decodings also shares one set of Engram tables."""
     from comeir_dist.decode.trie import PrefixTrie
     from comeir_dist.model.backbone import build_backbone
     from comeir_dist.model.baselines import GenerativeBaseline
     from comeir_dist.model.comeir import ComeIRModel
     from comeir_dist.model.history import Catalog
+
+    dev = bench_device(cfg) if device is None else torch.device(device)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -128,7 +149,7 @@ def build_variants(cfg: LatencyBenchConfig) -> dict[str, torch.nn.Module]:
     catalog = Catalog(codes_t, torch.as_tensor(emb))
     cb = torch.as_tensor(codebooks)
     backbone = build_backbone(cfg.backbone).eval()
-    trie = PrefixTrie.from_codes(codes_t, cfg.engram.codebook_size)
+    trie = PrefixTrie.from_codes(codes_t, cfg.engram.codebook_size).to(dev)
     models: dict[str, torch.nn.Module] = {}
     tables = None
     for name, v, dec in timed_models(cfg):
@@ -136,20 +157,20 @@ def build_variants(cfg: LatencyBenchConfig) -> dict[str, torch.nn.Module]:
         if v == "comeir":
             fused = cfg.sparse == "fused"
             m = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, cfg.token_dim, cfg.window, set(),
-                            sparse_device="meta" if fused or tables is not None else "cpu",
+                            sparse_device="meta" if fused or tables is not None else dev,
                             decoding=dec, nezha_delta=cfg.nezha_delta)
             if tables is not None:
                 m.tables = tables
             elif fused:
                 from comeir_dist.parallel.engram_tables import shard_engram_tables
 
-                shard_engram_tables(m.tables, cfg.engram, device="cpu")
+                shard_engram_tables(m.tables, cfg.engram, device=dev)
             tables = m.tables
         else:
             m = GenerativeBaseline(v, catalog, cb, backbone, cfg.token_dim, decoding=dec,
                                    nezha_delta=cfg.nezha_delta, window=cfg.window)
             m.trie = trie
-        models[name] = m.eval()
+        models[name] = m.to(dev).eval()
     return models
 
 
@@ -164,7 +185,7 @@ def generate(model, items: torch.Tensor, beam_size: int):
     from comeir_dist.model.history import HistoryBatch
 
     batch = HistoryBatch(items)
-    return beam_search(model.decoder(batch), model.trie, items.shape[0], model.levels, beam_size, "cpu")
+    return beam_search(model.decoder(batch), model.trie, items.shape[0], model.levels, beam_size, items.device)
 
 
 # ---- info ----------------------------------------------------------------------------------------------
@@ -178,7 +199,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info() -> dict:
+def device_info(device: torch.device | None) -> dict:
+    """``device`` of a benchmark, plus the GPU's name and the CUDA version on CUDA."""
+    if device is None or device.type != "cuda":
+        return {"device": "cpu" if device is None else str(device)}
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+
+
+def machine_info(device: torch.device | None = None) -> dict:
     import transformers
 
     mem = None
@@ -197,7 +225,7 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "mem_total_gib": mem,
-            "transparent_hugepage": thp, "env": env, "loadavg_start": list(os.getloadavg())}
+            "transparent_hugepage": thp, "env": env, "loadavg_start": list(os.getloadavg()), **device_info(device)}
 
 
 def peak_rss_gib() -> float:
@@ -236,9 +264,10 @@ def run_latency_bench(cfg: LatencyBenchConfig, out: Optional[str] = None, profil
     With ``out``, a partial report (``"complete": false``) is rewritten after every timed repetition."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    info = machine_info()
+    dev = bench_device(cfg)
+    info = machine_info(dev)
     t_build = time.perf_counter()
-    models = build_variants(cfg)
+    models = build_variants(cfg, dev)
     build_s = time.perf_counter() - t_build
     log.info("bench latency: built %s in %.1fs (peak RSS %.2f GiB)", list(models), build_s, peak_rss_gib())
     rng = np.random.default_rng(cfg.seed + 7)
@@ -246,12 +275,14 @@ def run_latency_bench(cfg: LatencyBenchConfig, out: Optional[str] = None, profil
     times: dict[str, list[float]] = {v: [] for v in variants}
     live: dict[str, float] = {}
     for rep in range(cfg.warmup + cfg.reps):
-        items = synthetic_histories(cfg, rng)  # the same users for every variant of this repetition
+        items = synthetic_histories(cfg, rng).to(dev)  # the same users for every variant of this repetition
         shift = rep % len(variants)
         for v in variants[shift:] + variants[:shift]:
             gc.collect()
+            sync(dev)
             t0 = time.perf_counter()
             res = generate(models[v], items, cfg.beam_size)
+            sync(dev)
             dt = 1000 * (time.perf_counter() - t0)
             live[v] = float(res.valid.float().mean())
             del res
@@ -262,7 +293,7 @@ def run_latency_bench(cfg: LatencyBenchConfig, out: Optional[str] = None, profil
             _write(out, _report(cfg, times, live, info, build_s, complete=False))  # midway keeps its reps
     report = _report(cfg, times, live, info, build_s, complete=True)
     if profile:
-        report["profile"] = profile_variants(models, cfg, rng)
+        report["profile"] = profile_variants(models, cfg, rng, dev)
     if out:
         _write(out, report)
     return report
@@ -327,14 +358,18 @@ def plot_latency(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def profile_variants(models: dict, cfg: LatencyBenchConfig, rng: np.random.Generator, top: int = 15) -> dict:
-    """torch.profiler table (self CPU time, top ops) of one generation per timed model."""
+def profile_variants(models: dict, cfg: LatencyBenchConfig, rng: np.random.Generator,
+                     device: torch.device | None = None, top: int = 15) -> dict:
+    """torch.profiler table (self CPU time, top ops; CUDA kernels recorded too on a GPU) of one generation per
+    timed model."""
     from torch.profiler import ProfilerActivity, profile
 
-    items = synthetic_histories(cfg, rng)
+    dev = bench_device(cfg) if device is None else device
+    items = synthetic_histories(cfg, rng).to(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     out = {}
     for v, m in models.items():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             generate(m, items, cfg.beam_size)
         out[v] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     return out
@@ -365,7 +400,8 @@ def markdown_table(report: dict) -> str:
     m = report["machine"]
     if not report.get("complete", True):
         lines += ["", "**Partial report: the run did not finish all repetitions.**"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+    gpu = f"; models on {m['device']} ({m['gpu']}, CUDA {m['cuda']})" if m.get("gpu") else ""
+    lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads{gpu}, "
               f"{m['mem_total_gib']} GiB RAM; load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; "
               f"peak RSS {m['peak_rss_gib']} GiB. Variants timed interleaved, warm-up {cfg['warmup']}.", ""]
     return "\n".join(lines)

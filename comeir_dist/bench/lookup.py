@@ -22,6 +22,11 @@ machine's measured copy bandwidth (``dst.copy_(src)`` of a large tensor; read + 
 STREAM convention) with the same torch thread count; ``roofline_fraction`` = row GB/s / copy GB/s.
 For training, the row GB/s still counts one row read per lookup (the update's read-modify-write of the
 row and of its optimizer state comes on top), so its fraction is a lower bound of the traffic achieved.
+
+``device`` (default ``cpu``, the measured configuration; ``auto`` = cuda when available): tables, ids and the
+roofline copy live there. On CUDA the fused paths use the fbgemm CUDA kernel with the rows in device memory
+(DMP over a world-size-1 NCCL group, ``EmbeddingLocation.DEVICE``), every timed block ends with
+``torch.cuda.synchronize``, and the roofline is the device-memory copy bandwidth. The CUDA path has not been run.
 """
 from __future__ import annotations
 
@@ -58,12 +63,15 @@ class LookupBenchConfig(Section):
     copy_mib: int = Field(512, ge=16, description="Size of the tensor copied for the bandwidth roofline.")
     paths: list[PathName] = Field(default_factory=lambda: list(PATHS))
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where tables, ids and the roofline copy live: "
+        "cpu (default), cuda, or auto (cuda when available).")
     seed: Seed = 0
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
-def make_inputs(cfg: LookupBenchConfig, n: int = 4):
-    """``n`` KJTs (cycled through) with uniform ids; per-table (values, offsets) views for nn.EmbeddingBag."""
+def make_inputs(cfg: LookupBenchConfig, n: int = 4, device: torch.device | None = None):
+    """``n`` KJTs (cycled through) with uniform ids, drawn on the host (the same ids on any device) and moved to
+    ``device`` (None = host); per-table (values, offsets) views for nn.EmbeddingBag."""
     from torchrec import KeyedJaggedTensor
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -73,13 +81,15 @@ def make_inputs(cfg: LookupBenchConfig, n: int = 4):
         values = torch.randint(0, cfg.rows, (cfg.tables * cfg.batch * cfg.ids_per_bag,), generator=g)
         lengths = torch.full((cfg.tables * cfg.batch,), cfg.ids_per_bag, dtype=torch.long)
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+        if device is not None:
+            kjt = kjt.to(device)
         per = [(kjt[k].values(), kjt[k].offsets()[:-1].contiguous()) for k in keys]
         out.append((kjt, per))
     return keys, out
 
 
 # ---- paths -------------------------------------------------------------------------------------------------
-def _fused_dmp(cfg: LookupBenchConfig, keys):
+def _fused_dmp(cfg: LookupBenchConfig, keys, device: torch.device):
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
     from comeir_dist.parallel.sparse import shard_engram_collection
@@ -88,7 +98,7 @@ def _fused_dmp(cfg: LookupBenchConfig, keys):
                                                             feature_names=[k], pooling=PoolingType.SUM,
                                                             weight_init_min=-0.01, weight_init_max=0.01)
                                          for k in keys], device=torch.device("meta"))
-    dmp = shard_engram_collection(ebc, device="cpu", plan="table_wise", lr=cfg.lr)
+    dmp = shard_engram_collection(ebc, device=device, plan="table_wise", lr=cfg.lr)
 
     def fwd(inp):
         return dmp(inp[0]).values()
@@ -99,16 +109,19 @@ def _fused_dmp(cfg: LookupBenchConfig, keys):
     return fwd, train, dmp
 
 
-def _fused_tbe(cfg: LookupBenchConfig):
+def _fused_tbe(cfg: LookupBenchConfig, device: torch.device):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
                                                                          SplitTableBatchedEmbeddingBagsCodegen)
 
+    cuda = device.type == "cuda"
+    where = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if cuda else (EmbeddingLocation.HOST, ComputeDevice.CPU)
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=[(cfg.rows, cfg.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * cfg.tables,
+        embedding_specs=[(cfg.rows, cfg.dim, *where)] * cfg.tables,
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=cfg.lr, eps=1e-8,
-        weights_precision=SparseType.FP32, pooling_mode=PoolingMode.SUM)
+        weights_precision=SparseType.FP32, pooling_mode=PoolingMode.SUM,
+        **({"device": device} if cuda else {}))
 
     def fwd(inp):
         return tbe(inp[0].values(), inp[0].offsets())
@@ -119,9 +132,9 @@ def _fused_tbe(cfg: LookupBenchConfig):
     return fwd, train, tbe
 
 
-def _nn_path(cfg: LookupBenchConfig, name: str):
+def _nn_path(cfg: LookupBenchConfig, name: str, device: torch.device):
     sparse = name.startswith("nn_sparse")
-    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(cfg.rows, cfg.dim, mode="sum", sparse=sparse)
+    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(cfg.rows, cfg.dim, mode="sum", sparse=sparse, device=device)
                                for _ in range(cfg.tables))
     for b in bags:
         torch.nn.init.uniform_(b.weight, -0.01, 0.01)
@@ -142,58 +155,75 @@ def _nn_path(cfg: LookupBenchConfig, name: str):
     return fwd, train, (bags, opt)
 
 
-def build_path(cfg: LookupBenchConfig, name: str, keys):
+def build_path(cfg: LookupBenchConfig, name: str, keys, device: torch.device | None = None):
+    """(forward, train, state) of one path on ``device`` (None = ``cfg.device``)."""
+    from comeir_dist.bench.latency import bench_device
+
+    device = bench_device(cfg) if device is None else torch.device(device)
     if name == "fused_dmp":
-        return _fused_dmp(cfg, keys)
+        return _fused_dmp(cfg, keys, device)
     if name == "fused_tbe":
-        return _fused_tbe(cfg)
-    return _nn_path(cfg, name)
+        return _fused_tbe(cfg, device)
+    return _nn_path(cfg, name, device)
 
 
 # ---- measurement -------------------------------------------------------------------------------------------
-def copy_bandwidth(mib: int, reps: int = 7) -> dict:
-    """Large-tensor copy bandwidth: 2 x bytes / time (read + write), median over ``reps``."""
+def copy_bandwidth(mib: int, reps: int = 7, device: torch.device | None = None) -> dict:
+    """Large-tensor copy bandwidth on ``device`` (None = host): 2 x bytes / time (read + write), median over
+    ``reps``."""
+    from comeir_dist.bench.latency import sync
+
     n = mib * 2**20 // 4
-    src = torch.rand(n)
+    src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages
     ts = []
     for _ in range(reps):
+        sync(src.device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        sync(src.device)
         ts.append(time.perf_counter() - t0)
     t = float(np.median(ts))
     del src, dst
     return {"bytes": n * 4, "median_s": t, "gb_s": 2 * n * 4 / t / 1e9, "best_gb_s": 2 * n * 4 / min(ts) / 1e9}
 
 
-def _block(fn: Callable, inputs, iters: int, start: int) -> float:
+def _block(fn: Callable, inputs, iters: int, start: int, device: torch.device | None = None) -> float:
+    from comeir_dist.bench.latency import sync
+
+    dev = torch.device(device) if device is not None else None
+    if dev is not None:
+        sync(dev)
     t0 = time.perf_counter()
     for i in range(iters):
         fn(inputs[(start + i) % len(inputs)])
+    if dev is not None:
+        sync(dev)
     return (time.perf_counter() - t0) / iters
 
 
 def run_lookup_bench(cfg: LookupBenchConfig, out: Optional[str] = None) -> dict:
     """Measure every path (forward; forward + backward + update), write JSON + markdown; return the report."""
-    from comeir_dist.bench.latency import machine_info, peak_rss_gib
+    from comeir_dist.bench.latency import bench_device, machine_info, peak_rss_gib
     from comeir_dist.utils.atomic import write_json
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    info = machine_info()
-    keys, inputs = make_inputs(cfg)
-    bw = copy_bandwidth(cfg.copy_mib)
-    log.info("bench lookup: copy bandwidth %.2f GB/s", bw["gb_s"])
-    paths = {name: build_path(cfg, name, keys) for name in cfg.paths}
+    dev = bench_device(cfg)
+    info = machine_info(dev)
+    keys, inputs = make_inputs(cfg, device=dev)
+    bw = copy_bandwidth(cfg.copy_mib, device=dev)
+    log.info("bench lookup: copy bandwidth %.2f GB/s on %s", bw["gb_s"], dev)
+    paths = {name: build_path(cfg, name, keys, dev) for name in cfg.paths}
     lookups = cfg.tables * cfg.batch * cfg.ids_per_bag
     row_bytes = cfg.dim * 4
     times: dict[str, dict[str, list[float]]] = {p: {"forward": [], "train": []} for p in paths}
     for name, (fwd, train, _) in paths.items():
         with torch.no_grad():
-            _block(fwd, inputs, cfg.warmup, 0)
-        _block(train, inputs, cfg.warmup, 0)
+            _block(fwd, inputs, cfg.warmup, 0, dev)
+        _block(train, inputs, cfg.warmup, 0, dev)
     for rep in range(cfg.reps):
         names = list(paths)
         shift = rep % len(names)
@@ -201,8 +231,8 @@ def run_lookup_bench(cfg: LookupBenchConfig, out: Optional[str] = None) -> dict:
             fwd, train, _ = paths[name]
             gc.collect()
             with torch.no_grad():
-                times[name]["forward"].append(_block(fwd, inputs, cfg.iters, rep))
-            times[name]["train"].append(_block(train, inputs, cfg.iters, rep))
+                times[name]["forward"].append(_block(fwd, inputs, cfg.iters, rep, dev))
+            times[name]["train"].append(_block(train, inputs, cfg.iters, rep, dev))
             log.info("rep %d %-18s fwd %8.2f ms  train %8.2f ms", rep, name, 1e3 * times[name]["forward"][-1],
                      1e3 * times[name]["train"][-1])
     results = {}
@@ -237,7 +267,8 @@ def markdown_table(report: dict) -> str:
     lines = [f"# Engram lookup throughput ({c['tables']} tables x {c['rows']:,} rows x {c['dim']} fp32, "
              f"{c['batch']} bags/table x {c['ids_per_bag']} id, uniform ids)", "",
              f"Roofline: large-tensor copy {bw['gb_s']:.2f} GB/s (read + write), "
-             f"torch threads {report['machine']['torch_threads']}.", "",
+             f"torch threads {report['machine']['torch_threads']}, device {report['machine'].get('device', 'cpu')}"
+             f"{' (' + report['machine']['gpu'] + ')' if report['machine'].get('gpu') else ''}.", "",
              "| path | fwd M lookups/s | fwd row GB/s | fwd % roofline | train M lookups/s | train row GB/s | "
              "train % roofline |", "|---|---:|---:|---:|---:|---:|---:|"]
     for p, r in report["results"].items():

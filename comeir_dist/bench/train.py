@@ -212,13 +212,14 @@ def run_group(world: int, job: dict, timeout: float) -> list[dict]:
     import torch.multiprocessing as mp
 
     from comeir_dist.bench.train_worker import worker_entry
-    from comeir_dist.parallel.dist_env import _free_port
+    from comeir_dist.parallel.dist_env import _free_port, select_device
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     child_env = {"OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"]),
-                 "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
+                 # DeepSpeed fixes its accelerator at import: the children's must be the training device's
+                 "DS_ACCELERATOR": select_device(job["run"].get("device", "auto")).type, "HF_HUB_OFFLINE": "1",
                  "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     saved = {k: os.environ.get(k) for k in child_env}
     os.environ.update(child_env)  # inherited by the spawned children (thread pools read it at import)

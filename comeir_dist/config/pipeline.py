@@ -29,6 +29,8 @@ class EmbedConfig(Section):
     num_shards: int = Field(2, ge=1, description="Item shards, each embedded by one Ray task.")
     cpus_per_task: float = Field(1.0, gt=0)
     normalize: bool = Field(True, description="L2-normalise embeddings.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Encoder device in each Ray task: auto = cuda when the task sees a GPU, else cpu; cuda without one is an error.")
+    gpus_per_task: Optional[float] = Field(None, ge=0, description="Ray GPUs per embed task (Ray hides GPUs from tasks that request none). None = 1 when device is cuda, or auto and this driver sees a GPU; else 0.")
 
 
 class QuantizeConfig(Section):

@@ -9,8 +9,9 @@ from comeir_dist.config.base import Section, Seed
 from comeir_dist.config.parallel import ParallelConfig
 from comeir_dist.config.ray_job import RayTrainConfig
 from comeir_dist.engram.config import EngramConfig
+from comeir_dist.model.decor_config import TOKEN_FUSIONS, DecorConfig
 
-VARIANTS = ("comeir", "flatten", "tm")
+VARIANTS = ("comeir", "flatten", "tm", "sasrec")
 ABLATIONS = ("no_mm_scoring", "no_memory_merge", "no_e_intra", "no_e_inter", "no_d_intra", "no_d_inter")
 
 
@@ -49,7 +50,7 @@ class BackboneConfig(Section):
 class ModelConfig(Section):
     """Input constructor, head and ablation switches (paper Sections 3, 4.3)."""
 
-    variant: Literal["comeir", "flatten", "tm"] = Field("comeir", description="comeir | flatten (TIGER-style L*N tokens) | tm (token merge: concat + linear).")
+    variant: Literal["comeir", "flatten", "tm", "sasrec"] = Field("comeir", description="comeir | flatten (TIGER-style L*N tokens) | tm (token merge: concat + linear) | sasrec (item-ID baseline: one learned embedding per item, causal backbone, cross-entropy over all items; no SIDs, no Engram tables).")
     token_dim: int = Field(64, ge=4, description="Width of the learnable token embedding e^T (Eq. 2).")
     window: int = Field(4, ge=1, description="w: window of the transition query (Eq. 21) and decode query (Eq. 25).")
     ablations: list[str] = Field(default_factory=list, description=f"Any of {', '.join(ABLATIONS)}.")
@@ -70,6 +71,12 @@ class ModelConfig(Section):
         "code", description="NEZHA transition input Delta_l of Eq. 42: 'code' = the SID-token embedding of the "
         "generated code c^l (Eq. 2); 'code_context' = that plus a projection of an inter-item context (attention "
         "over the last `window` history item vectors, query = recurrent state + code embedding).")
+    token_fusion: Literal[TOKEN_FUSIONS] = Field(
+        "concat", description="SID token embedding. 'concat' = Eq. 2, W_E[e^B; e^T] (frozen codebook vector + learned "
+        "token; the default). 'learned' = a learned code embedding only (DECOR's TIGER base). 'pretrained' = W e^B, the "
+        "frozen codebook vector only. 'decor' = DECOR Eq. 9-11, W_fuse[LN(W_pre e_pre) || LN(W_collab e_collab)]. "
+        "Also the candidate embedding e_x of the ComeIR head (Eq. 10).")
+    decor: DecorConfig = Field(default_factory=DecorConfig, description="DECOR fusion / composition knobs.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")

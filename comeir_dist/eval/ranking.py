@@ -15,6 +15,12 @@ Each item has exactly one SID (one row of codes per item in :class:`PrefixTrie`)
 appear twice in a user's list.
 
 Everything is vectorised over users and beams.
+
+A model that scores the whole catalog (sasrec) is ranked by :func:`rank_scores` with the same definitions:
+``P`` = items scored strictly higher than the target, ``G`` = items with exactly the target's score (its tie
+group, ``>= 1``), ``found`` always true (every item is ranked), ``sid_rank = P + 1`` (an item ID is its own
+one-token ID: the "SID-level" metrics are the item ranking with ties resolved in the target's favour).
+Top-N lists break ties by ascending item index, as collision groups are listed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 from comeir_dist.decode.beam import BeamResult
 from comeir_dist.decode.trie import PrefixTrie
 
-__all__ = ["TargetRanks", "ItemRanking", "beam_sid_rows", "expand_items", "locate_targets", "rank_items"]
+__all__ = ["TargetRanks", "ItemRanking", "beam_sid_rows", "expand_items", "locate_targets", "rank_items",
+           "rank_scores"]
 
 
 @dataclass
@@ -134,4 +141,31 @@ def rank_items(result: BeamResult, trie: PrefixTrie, targets=None, top_n: int = 
     ranking = expand_items(result, trie, top_n, rows=rows)
     if targets is not None:
         ranking.targets = locate_targets(result, trie, targets, rows=rows)
+    return ranking
+
+
+def rank_scores(scores: torch.Tensor, targets=None, top_n: int = 10) -> ItemRanking:
+    """Top-``top_n`` items of full catalog scores ``[B, I]`` (ties by ascending item index; ``-1`` / ``-inf``
+    padding when ``top_n > I``) and, with ``targets``, their ``P`` / ``G`` / ``found`` / ``sid_rank``."""
+    scores = scores.float()
+    B, I = scores.shape
+    n = min(int(top_n), I)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]  # stable: ties by index
+    top = scores.gather(1, order)
+    pad = int(top_n) - n
+    items = torch.cat([order, order.new_full((B, pad), -1)], 1)
+    top = torch.cat([top, top.new_full((B, pad), float("-inf"))], 1)
+    ranks = torch.arange(1, int(top_n) + 1, device=scores.device).expand(B, -1)
+    ranking = ItemRanking(items=items, scores=top, sid_rank=torch.where(items >= 0, ranks, torch.zeros_like(ranks)))
+    if targets is not None:
+        targets = torch.as_tensor(targets, dtype=torch.long, device=scores.device).reshape(-1)
+        if targets.numel() != B:
+            raise ValueError(f"got {targets.numel()} targets for {B} users")
+        if B and (int(targets.min()) < 0 or int(targets.max()) >= I):
+            raise ValueError(f"target item indices must lie in [0, {I})")
+        t = scores.gather(1, targets.unsqueeze(1))
+        P = (scores > t).sum(1)
+        G = (scores == t).sum(1)
+        ranking.targets = TargetRanks(P=P, G=G, found=torch.ones(B, dtype=torch.bool, device=scores.device),
+                                      sid_rank=P + 1)
     return ranking

@@ -51,21 +51,28 @@ class EvalWorker:
         self.load_s = time.perf_counter() - t0
         self.num_threads = torch.get_num_threads()
 
-    def evaluate(self, hist: np.ndarray, target: np.ndarray, beam_size: int, batch_size: int, ks) -> dict:
-        """Per-batch metric sums (in order) and per-user arrays for users ``hist [U, N]`` / ``target [U]``."""
+    def evaluate(self, hist: np.ndarray, target: np.ndarray, beam_size: int, batch_size: int, ks,
+                 top_n: int = 10) -> dict:
+        """Per-batch metric sums (in order) and per-user arrays (top items and their scores, the MSP of a
+        full-catalog model) for users ``hist [U, N]`` / ``target [U]``."""
         from comeir_dist.eval.evaluate import evaluate_arrays
 
         t0 = time.perf_counter()
-        batches, tops, per = [], [], {"P": [], "G": [], "found": [], "sid_rank": []}
+        batches, tops, scores, msps, per = [], [], [], [], {"P": [], "G": [], "found": [], "sid_rank": []}
         for s in range(0, len(target), batch_size):
             # one evaluate_arrays call per batch: its sums are exactly the single-process per-batch sums
             res = evaluate_arrays(self.model, hist[s:s + batch_size], target[s:s + batch_size], beam_size=beam_size,
-                                  batch_size=batch_size, ks=ks, progress=False, device=self.device)
+                                  batch_size=batch_size, ks=ks, top_n=top_n, progress=False, device=self.device)
             batches.append(res["sums"].state_dict())
             tops.append(res["top_items"])
+            scores.append(res["top_scores"])
+            if res["msp"] is not None:
+                msps.append(res["msp"])
             for k in per:
                 per[k].append(res["per_user"][k])
-        return {"batches": batches, "top_items": np.concatenate(tops) if tops else np.zeros((0, 10), np.int64),
+        return {"batches": batches, "top_items": np.concatenate(tops) if tops else np.zeros((0, top_n), np.int64),
+                "top_scores": np.concatenate(scores) if tops else np.zeros((0, top_n), np.float32),
+                "msp": np.concatenate(msps) if msps else None,
                 "per_user": {k: np.concatenate(v) for k, v in per.items()} if tops else {},
                 "elapsed_s": time.perf_counter() - t0, "load_s": self.load_s, "num_threads": self.num_threads,
                 "pid": os.getpid()}
@@ -112,13 +119,15 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
                       num_workers: int = 2, beam_size: Optional[int] = None, batch_size: Optional[int] = None,
                       ray_address: Optional[str] = None, max_users: Optional[int] = None,
                       cpus_per_worker: float = 1.0, ray_num_cpus: Optional[int] = None,
-                      gpus_per_worker: float = 0.0) -> dict:
+                      gpus_per_worker: float = 0.0, save_top: Optional[int] = None) -> dict:
     """Evaluate ``checkpoint`` on ``split`` with ``num_workers`` Ray actors; returns the report.
 
     ``cpus_per_worker``: Ray ``num_cpus`` of each actor (its torch thread count = max(1, floor of it)).
     ``ray_num_cpus``: CPUs of a local Ray instance started here (default: all cores).
     ``gpus_per_worker``: Ray ``num_gpus`` of each actor (0: Ray hides the GPUs, the model runs on CPU).
+    ``save_top``: also write ``<out>.top.parquet`` (see :mod:`comeir_dist.eval.run_eval`).
     """
+    from comeir_dist.eval.run_eval import TOP_SUFFIX, USERS_TOP, check_save_top, search_width, top_info, write_top
     from comeir_dist.eval.metrics import MetricSums
     from comeir_dist.orchestration.ray_session import ray_session
     from comeir_dist.train.samples import split_samples
@@ -135,12 +144,14 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
 
         check_out_file(out)
         check_out_file(Path(out).with_suffix(".users.parquet"))
+    check_save_top(out, save_top)
     ckpt = Path(checkpoint)
     cfg, meta = _read_config(ckpt, dataset)  # validates the checkpoint before any actor starts
     users, hist, target = split_samples(cfg.dataset, split, cfg.max_history)
     if max_users:
         users, hist, target = users[:max_users], hist[:max_users], target[:max_users]
-    beam = beam_size or cfg.eval.beam_size
+    beam = search_width(cfg, beam_size, save_top)
+    top_n = max(USERS_TOP, save_top or 0)
     bs = batch_size or cfg.eval.batch_size
     ks = list(cfg.eval.ks)
     slices = batch_aligned_slices(len(target), bs, num_workers)
@@ -159,7 +170,8 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
         ds = Path(cfg.dataset)
         ds_arg = str(ds.resolve()) if ds.exists() else (dataset or None)
         actors = [actor_cls.remote(str(ckpt.resolve()), ds_arg, threads) for _ in slices]
-        refs = [a.evaluate.remote(hist[a0:a1], target[a0:a1], beam, bs, ks) for a, (a0, a1) in zip(actors, slices)]
+        refs = [a.evaluate.remote(hist[a0:a1], target[a0:a1], beam, bs, ks, top_n)
+                for a, (a0, a1) in zip(actors, slices)]
         try:
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
@@ -175,7 +187,9 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
         for state in r["batches"]:
             sums = sums.merge(MetricSums.from_state(state))
     n = len(target)
-    top_items = np.concatenate([r["top_items"] for r in results]) if results else np.zeros((0, 10), np.int64)
+    top_items = np.concatenate([r["top_items"] for r in results]) if results else np.zeros((0, top_n), np.int64)
+    top_scores = np.concatenate([r["top_scores"] for r in results]) if results else np.zeros((0, top_n), np.float32)
+    msp = np.concatenate([r["msp"] for r in results]) if results and results[0]["msp"] is not None else None
     per_user = {k: (np.concatenate([r["per_user"][k] for r in results]) if results else np.zeros(0, np.int64))
                 for k in ("P", "G", "found", "sid_rank")}
     compute_s = sum(r["elapsed_s"] for r in results)
@@ -186,8 +200,13 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
                            "num_threads": r["num_threads"]} for (a0, a1), r in zip(slices, results)]}
     if out:
         out_path = Path(out)
+        if save_top:
+            report["top_file"] = str(out_path.with_suffix(TOP_SUFFIX))
         write_json(out_path, report)
-        write_per_user(out_path.with_suffix(".users.parquet"), users, target, top_items, per_user["P"],
+        write_per_user(out_path.with_suffix(".users.parquet"), users, target, top_items[:, :USERS_TOP], per_user["P"],
                        per_user["G"])
+        if save_top:
+            write_top(out_path.with_suffix(TOP_SUFFIX), users, target, top_items[:, :save_top],
+                      top_scores[:, :save_top], msp, top_info(report, save_top, msp))
     log.info("evaluate (ray, %d workers): %s", len(slices), json.dumps(report["metrics"]))
     return report

@@ -4,6 +4,15 @@ producing h_u, and the memory-restoring head decoding the next SID (Algorithms 1
 ``decoding="normal"`` (Normal GR, App. B.2.3): zeta_l = h_u for every level (Alg. 1 lines 8-9, Alg. 2 line 4).
 ``decoding="nezha"``: placeholders + per-level recurrent state (Eq. 40-42, nezha.py); the head reads with
 zeta_l = xi_l (Alg. 1 line 17, Alg. 2 line 14), which during beam search differs per beam (:func:`per_beam_logits`).
+
+``model.token_fusion`` (token_embedding.py) sets the SID token embedding e_c everywhere ComeIR uses Eq. 2: the
+encoder's token inputs (Eq. 4), NEZHA's generated-code embeddings (Eq. 42) AND the head's candidate embedding e_x
+(Eq. 10, ``tokens.level_table``). With ``decor`` the fused embedding of DECOR Eq. 11 therefore also replaces e_x:
+ComeIR defines e_x as the Eq. 2 embedding of code x, and DECOR's fusion is a drop-in replacement of Eq. 2, so the
+candidate side keeps the pretrained channel too (a head scoring with another table would have to learn a second
+embedding per code from the loss alone). DECOR's composition is not used by ComeIR (``model.decor.compose`` is
+refused): Normal-GR ComeIR feeds no generated code back to the backbone, and a candidate embedding composed from
+the context would blur the candidates the head has to tell apart.
 """
 from __future__ import annotations
 
@@ -14,8 +23,10 @@ from torch import nn
 
 from comeir_dist.engram.config import EngramConfig
 from comeir_dist.engram.read import EngramRead
+from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.comeir_encoder import ComeIREncoder, history_units
+from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.engram_memory import EngramLookup, EngramTables
 from comeir_dist.model.history import Catalog, HistoryBatch
 from comeir_dist.model.memory_head import HeadRequest, MemoryHead
@@ -29,13 +40,17 @@ class ComeIRModel(nn.Module):
     def __init__(self, ecfg: EngramConfig, catalog: Catalog, codebooks: torch.Tensor, backbone: nn.Module,
                  trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
                  head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True,
-                 decoding: str = "normal", nezha_delta: str = "code"):
+                 decoding: str = "normal", nezha_delta: str = "code", fusion: str = "concat",
+                 decor: DecorConfig | None = None):
         super().__init__()
+        if decor is not None and decor.compose:
+            raise UserError("model.decor.compose applies to flatten / tm with model.decoding: normal (the variants "
+                            "that feed generated codes back to the backbone); comeir takes model.token_fusion only")
         self.catalog, self.backbone, self.trie = catalog, backbone, trie
         self.levels, self.codebook_size = codebooks.shape[0], codebooks.shape[1]
         self.d_max = ecfg.d_max
         d = backbone_width(backbone)
-        self.tokens = SidTokenEmbedding(codebooks, token_dim, d)
+        self.tokens = SidTokenEmbedding(codebooks, token_dim, d, fusion, decor)
         self.lookup = EngramLookup(ecfg)
         reads = nn.ModuleDict()
         for l in range(1, self.levels + 1):

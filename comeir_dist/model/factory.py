@@ -1,4 +1,4 @@
-"""Build any variant (comeir / flatten / tm) x decoding (normal / nezha) from a RunConfig, the SID table and
+"""Build any variant (comeir / flatten / tm; sasrec) x decoding (normal / nezha) from a RunConfig, the SID table and
 the item embeddings."""
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from comeir_dist.model.history import Catalog
 
 def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_emb: np.ndarray,
                 sparse_device: str = "cpu") -> torch.nn.Module:
+    if cfg.model.variant == "sasrec":  # item IDs: no SIDs, codebooks, item embeddings or tables are used
+        return build_sasrec(cfg, num_items=codes.shape[0])
     levels, size = codebooks.shape[0], codebooks.shape[1]
     if (levels, size) != (cfg.engram.levels, cfg.engram.codebook_size):
         raise UserError(f"SID table has L={levels}, C={size} but config engram.levels={cfg.engram.levels}, "
@@ -33,10 +35,10 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
         model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
                             memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
-                            decoding=m.decoding, nezha_delta=m.nezha_delta)
+                            decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
-                                   nezha_delta=m.nezha_delta, window=m.window)
+                                   nezha_delta=m.nezha_delta, window=m.window, fusion=m.token_fusion, decor=m.decor)
         model.trie = trie
     return model
 
@@ -51,3 +53,14 @@ def check_positions(cfg: RunConfig) -> None:
     if m.backbone.max_positions < inputs + levels:
         raise UserError(f"model.backbone.max_positions={m.backbone.max_positions} < {inputs + levels} needed by "
                         f"{m.variant} with model.decoding=nezha (inputs {inputs} + {levels} placeholders)")
+
+
+def build_sasrec(cfg: RunConfig, num_items: int) -> torch.nn.Module:
+    """The item-ID baseline (model/sasrec.py): one learned embedding per catalog item, the configured backbone."""
+    from comeir_dist.model.sasrec import SASRecModel
+
+    m = cfg.model
+    if m.decoding != "normal":
+        raise UserError(f"model.decoding={m.decoding} applies to SID models; model.variant sasrec scores all items "
+                        f"in one pass (use model.decoding: normal)")
+    return SASRecModel(num_items, build_backbone(m.backbone), dropout=m.backbone.dropout)

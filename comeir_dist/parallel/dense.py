@@ -91,8 +91,28 @@ def deepspeed_config(cfg, per_rank_batch: int, world: int) -> dict:
     return ds
 
 
+def sid_training_loss(model: nn.Module, batch, bf16: bool = False) -> torch.Tensor:
+    """The SID models' objective (Eq. 12): teacher-forced level logits (bf16 autocast when training in bf16) and
+    the catalog-constrained token cross-entropy (in fp32, outside the autocast)."""
+    from comeir_dist.model.history import HistoryBatch
+    from comeir_dist.model.loss import constrained_sid_loss
+
+    target_codes = model.catalog.item_codes(batch.target)
+    with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model.level_logits(HistoryBatch(batch.items, batch.target), target_codes)
+    return constrained_sid_loss(logits, target_codes, model.trie)
+
+
+def training_loss(model: nn.Module, batch, bf16: bool = False) -> torch.Tensor:
+    """Mean training loss of ``model`` on ``batch`` (a ``HistoryBatch`` with targets): the model's own
+    ``training_loss(batch, bf16=...)`` when it defines one (sasrec: cross-entropy over all items), else the SID
+    objective :func:`sid_training_loss` (comeir / flatten / tm)."""
+    own = getattr(model, "training_loss", None)
+    return own(batch, bf16=bf16) if callable(own) else sid_training_loss(model, batch, bf16)
+
+
 class TrainForward(nn.Module):
-    """What the engine runs: teacher-forced loss of ``model`` on a batch (mean over the rank's samples)."""
+    """What the engine runs: the training loss of ``model`` on a batch (mean over the rank's samples)."""
 
     def __init__(self, model: nn.Module, bf16: bool):
         super().__init__()
@@ -101,13 +121,8 @@ class TrainForward(nn.Module):
 
     def forward(self, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from comeir_dist.model.history import HistoryBatch
-        from comeir_dist.model.loss import constrained_sid_loss
 
-        m = self.model
-        target_codes = m.catalog.item_codes(target)
-        with torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = m.level_logits(HistoryBatch(items, target), target_codes)
-        return constrained_sid_loss(logits, target_codes, m.trie)
+        return training_loss(self.model, HistoryBatch(items, target), self.bf16)
 
 
 def _base_optimizer(opt):

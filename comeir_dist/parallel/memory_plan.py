@@ -126,6 +126,12 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
     codes = np.stack([np.arange(C)] * L, axis=1)
     codebooks = np.zeros((L, C, item_emb_dim), np.float32)
     emb = np.zeros((C, item_emb_dim), np.float32)
+    sasrec = run_cfg.model.variant == "sasrec"
+    if sasrec:  # one dense embedding per item (no SIDs, no catalog buffers): the catalog size sets the count
+        if num_items < 1:
+            raise UserError("model.variant sasrec: its dense part holds one embedding per item; give the catalog "
+                            "size (comeir plan --num-items N)")
+        codes = np.broadcast_to(np.zeros((1, L), np.int64), (num_items, L))  # only its length is read
     bb = run_cfg.model.backbone
     hf = None
     cfg = run_cfg
@@ -155,7 +161,7 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
         b_total, b_train = _count(model.backbone, skip="\0")
         h_total, h_train = _count(hf, skip="\0")
         total, trainable = total - b_total + h_total, trainable - b_train + h_train
-    buffers = num_items * (item_emb_dim * 4 + L * 8) + L * C * item_emb_dim * 4
+    buffers = 0 if sasrec else num_items * (item_emb_dim * 4 + L * 8) + L * C * item_emb_dim * 4
     return DenseCount(total, trainable, buffers, source=f"model {run_cfg.model.variant} (meta build{origin})")
 
 

@@ -3,11 +3,14 @@
 ``run_embed`` reads ``DIR/items.parquet``, builds one text per item from ``cfg.text_fields``
 ("field: value" lines, missing/empty fields skipped, cut to ``cfg.max_chars`` characters), splits the
 items into ``cfg.num_shards`` contiguous shards and embeds each shard in its own Ray task
-(``num_cpus=cfg.cpus_per_task``). It writes
+(``num_cpus=cfg.cpus_per_task``, ``num_gpus=`` :func:`task_gpus`; the encoder runs on ``cfg.device``,
+resolved inside the task by :func:`comeir_dist.parallel.dist_env.select_device`). It writes
 
 * ``DIR/item_emb.parquet``  (``emb_schema(dim)``, one row per item, sorted by ``item_idx``)
 * ``DIR/item_emb.json``     ``{model, model_path, dim, text_fields, max_chars, max_seq_length,
-  normalize, items, input_fingerprint, wall_time_s, items_per_s}``
+  normalize, items, input_fingerprint, wall_time_s, items_per_s, devices}`` (``devices``: the device each
+  shard ran on; not part of the fingerprint: the device should change the vectors only by floating-point
+  rounding, which has not been measured on a GPU here)
 
 ``input_fingerprint`` is the sha256 of the bytes of items.parquet plus the config fields that change
 the vectors (model, text_fields, max_chars, max_seq_length, normalize). When both files exist and the
@@ -112,16 +115,36 @@ def input_fingerprint(items_path: Path, cfg: EmbedConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------- workers
+def task_gpus(cfg: EmbedConfig) -> float:
+    """Ray ``num_gpus`` of one embed task: ``cfg.gpus_per_task``, else 1 when the encoder should run on a GPU
+    (``device: cuda``, or ``auto`` and this driver sees one), else 0. Ray hides every GPU from a task that
+    requests none, so ``device: cuda`` with ``gpus_per_task: 0`` is refused here, before any task starts."""
+    if cfg.gpus_per_task is not None:
+        if cfg.device == "cuda" and cfg.gpus_per_task == 0:
+            raise UserError("embed.device: cuda needs embed.gpus_per_task > 0 (Ray hides GPUs from tasks that "
+                            "request none); use device: cpu or auto")
+        return float(cfg.gpus_per_task)
+    if cfg.device == "cpu":
+        return 0.0
+    from comeir_dist.parallel.dist_env import cuda_device_count
+
+    return 1.0 if cfg.device == "cuda" or cuda_device_count() else 0.0
+
+
 def embed_texts(model_path: str, texts: list[str], batch_size: int, max_seq_length: int,
-                normalize: bool, num_threads: int = 1) -> np.ndarray:
-    """Embed ``texts`` with the sentence-transformers model at ``model_path`` -> float32 [n, d]."""
+                normalize: bool, num_threads: int = 1, device: str = "auto") -> np.ndarray:
+    """Embed ``texts`` with the sentence-transformers model at ``model_path`` -> float32 [n, d].
+    ``device``: auto | cpu | cuda (:func:`comeir_dist.parallel.dist_env.select_device`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from comeir_dist.parallel.dist_env import select_device
+
+    dev = select_device(device, local_rank=0)  # a Ray task sees only the GPUs it was given
     torch.set_num_threads(max(1, num_threads))
-    model = SentenceTransformer(model_path, device="cpu")
+    model = SentenceTransformer(model_path, device=str(dev))
     model.max_seq_length = max_seq_length
     with torch.inference_mode():
         out = model.encode(texts, batch_size=batch_size, show_progress_bar=False,
@@ -130,10 +153,14 @@ def embed_texts(model_path: str, texts: list[str], batch_size: int, max_seq_leng
 
 
 def _embed_shard(shard_id: int, model: str, texts: list[str], batch_size: int,
-                 max_seq_length: int, normalize: bool, num_threads: int):
-    """Ray task body: returns (shard_id, embeddings). The model is resolved on the worker's node."""
+                 max_seq_length: int, normalize: bool, num_threads: int, device: str = "auto"):
+    """Ray task body: returns (shard_id, embeddings, device used). The model and the device are resolved on
+    the worker's node."""
+    from comeir_dist.parallel.dist_env import select_device
+
+    used = str(select_device(device, local_rank=0))
     return shard_id, embed_texts(resolve_model(model), texts, batch_size, max_seq_length, normalize,
-                                 num_threads)
+                                 num_threads, device), used
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -167,6 +194,7 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
         return out
 
     model_path = resolve_model(cfg.model)  # fail fast here; workers resolve it again on their node
+    gpus = task_gpus(cfg)  # fail fast on device: cuda without GPUs for the tasks
     order = np.argsort(items.column("item_idx").to_numpy(zero_copy_only=False), kind="stable")
     items = items.take(pa.array(order))  # rows now in item_idx order
     texts = build_texts(items, cfg.text_fields, cfg.max_chars)
@@ -179,20 +207,31 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
     threads = max(1, int(math.floor(cfg.cpus_per_task)))
     t0 = time.perf_counter()
     parts: dict[int, np.ndarray] = {}
+    devices: dict[int, str] = {}
     with ray_session(ray_address, ray_num_cpus):
         import ray
 
-        task = ray.remote(num_cpus=cfg.cpus_per_task)(_embed_shard)
+        if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
+            raise UserError(f"embed: each task needs {gpus:g} GPU (embed.device: {cfg.device}, embed.gpus_per_task) "
+                            f"but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}; use device: cpu")
+        task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=gpus)(_embed_shard)
         spec = cfg.model if cfg.model == BUNDLED_MODEL else model_path  # absolute local path
         pending = [task.remote(s, spec, texts[bounds[s]:bounds[s + 1]], cfg.batch_size,
-                               cfg.max_seq_length, cfg.normalize, threads)
+                               cfg.max_seq_length, cfg.normalize, threads, cfg.device)
                    for s in range(num_shards)]
         with tqdm(total=num_shards, desc="embed shards", unit="shard") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
-                    shard_id, arr = ray.get(ref)
+                    try:
+                        shard_id, arr, used = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # a UserError raised in the task (e.g. no GPU)
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, UserError):
+                            raise cause from None
+                        raise
                     parts[shard_id] = arr
+                    devices[shard_id] = used
                     bar.update(1)
     emb = np.concatenate([parts[s] for s in range(num_shards)], axis=0)
     wall = time.perf_counter() - t0
@@ -203,7 +242,8 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
         raise UserError(f"embed: model {cfg.model!r} produced non-finite embeddings for "
                         f"{int(bad.sum())} items (first item_idx {int(np.flatnonzero(bad)[0])})")
     dim = int(emb.shape[1])
-    log.info("embed: %d items, dim %d, %.1f s, %.1f items/s", n, dim, wall, n / max(wall, 1e-9))
+    log.info("embed: %d items, dim %d, %.1f s, %.1f items/s on %s", n, dim, wall, n / max(wall, 1e-9),
+             ", ".join(sorted(set(devices.values()))))
 
     (dataset_dir / META_FILE).unlink(missing_ok=True)  # the meta file is the commit marker
     table = pa.Table.from_arrays(
@@ -218,6 +258,7 @@ def run_embed(dataset_dir: Path, cfg: EmbedConfig, ray_address: Optional[str] = 
         "max_seq_length": cfg.max_seq_length, "normalize": cfg.normalize, "items": n,
         "num_shards": num_shards, "input_fingerprint": fingerprint,
         "wall_time_s": round(wall, 3), "items_per_s": round(n / max(wall, 1e-9), 2),
+        "devices": [devices[s] for s in range(num_shards)],
     })
     return out
 

@@ -6,6 +6,12 @@ config. A rerun with the same config skips it; the table is built from every res
 ``OUT/results``, so a 3-seed table can be assembled over several invocations (``--label`` + ``--set``
 add variants with other settings, e.g. ComeIR at another memory size, to the same table).
 ``popular`` is the most-popular-unseen-items baseline (no training; one deterministic run).
+
+Named arms (``--arms``, :data:`ARMS`): settings defined by a small table of config overrides, each run under its
+own label next to the others -- e.g. the rows of DECOR's ablation (paper Table 2). Arms are applied after ``--set``;
+with several variants the label is ``<arm>-<variant>``. Runs with DECOR composition also record how many codes
+per level receive composition weight above uniform on the validation users (``composition_usage`` in the result
+file, and ``<run>/composition_usage.json``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,63 @@ from comeir_dist.utils.output_guard import claim_out_dir
 log = logging.getLogger(__name__)
 COLUMNS = ("item/hit@5", "item/ndcg@5", "item/hit@10", "item/ndcg@10", "sid/ndcg@10")
 POPULAR = "popular"
+
+ARM_BOS = "bos"  # in ARMS: the config's model.decor.bos_queries, or DECOR_BOS_QUERIES when it is 0
+DECOR_BOS_QUERIES = 32  # DECOR Table 5, Scientific (the bundled data)
+
+
+def _decor_arm(fusion: str, compose: bool = False, bos: bool = False) -> dict:
+    return {"model.token_fusion": fusion, "model.decor.compose": compose,
+            "model.decor.bos_queries": ARM_BOS if bos else 0}
+
+
+# DECOR's ablation (paper Table 2). The paper's "w/ Pretrained Only" is described as "Decomposed Embedding Fusion
+# without Contextualized Token Composition", i.e. frozen pretrained + learned collaborative embeddings (fusion
+# 'decor'), and Full = that + composition + BOS: the pre* rows use the fusion. 'decor-frozen' is the literal
+# reading (the frozen codebook vector alone, projected), 'decor-concat' ComeIR's Eq. 2 for reference.
+ARMS: dict[str, dict] = {
+    "decor-base": _decor_arm("learned"),  # Base (TIGER): a learned code embedding
+    "decor-comp": _decor_arm("learned", compose=True),  # w/ Token Comp.
+    "decor-comp-bos": _decor_arm("learned", compose=True, bos=True),  # w/ Token Comp. and BOS Queries
+    "decor-pre": _decor_arm("decor"),  # w/ Pretrained Only (fusion, no composition)
+    "decor-pre-comp": _decor_arm("decor", compose=True),  # w/ Pretrained + Token Comp.
+    "decor-full": _decor_arm("decor", compose=True, bos=True),  # DECOR (Full)
+    "decor-frozen": _decor_arm("pretrained"),  # the frozen codebook vector only
+    "decor-concat": _decor_arm("concat"),  # ComeIR Eq. 2: W_E [e^B; e^T]
+}
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    node = data
+    *path, last = dotted.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def arm_overrides(cfg: RunConfig, arm: str) -> dict:
+    """The dotted config overrides of ``arm`` (ARM_BOS resolved against ``cfg``)."""
+    if arm not in ARMS:
+        raise UserError(f"--arms: unknown arm {arm!r}; allowed values: {', '.join(ARMS)}")
+    bos = cfg.model.decor.bos_queries or DECOR_BOS_QUERIES
+    return {k: (bos if v == ARM_BOS else v) for k, v in ARMS[arm].items()}
+
+
+def arm_config(cfg: RunConfig, arm: str) -> RunConfig:
+    """``cfg`` with the overrides of ``arm`` applied (validated; a bad combination is one line)."""
+    from comeir_dist.config.base import parse_section
+
+    data = cfg.model_dump()
+    for key, value in arm_overrides(cfg, arm).items():
+        _set_dotted(data, key, value)
+    return parse_section(RunConfig, data, source=f"--arms {arm}")
+
+
+def _check_composition(run_cfg: RunConfig, name: str) -> None:
+    m = run_cfg.model
+    if m.decor.compose and (m.variant not in ("flatten", "tm") or m.decoding != "normal"):
+        raise UserError(f"{name}: model.decor.compose applies to flatten / tm with model.decoding: normal (got "
+                        f"{m.variant}, {m.decoding}); run composition arms with --variants flatten or tm")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -131,11 +194,51 @@ def load_results(root: Path) -> list[dict]:
     return rows
 
 
+def _settings(cfg: RunConfig, variants: list[str], label: str | None, arms: list[str] | None) -> list[tuple]:
+    """(label, variant, base config, arm or None) of every table row; arms x variants when ``arms``."""
+    if not arms:
+        return [(label or v, v, cfg, None) for v in variants]
+    if label:
+        raise UserError(f"--label {label!r} and --arms: every arm is its own label")
+    out = [(POPULAR, POPULAR, cfg, None)] if POPULAR in variants else []
+    trained = [v for v in variants if v != POPULAR]
+    for arm in dict.fromkeys(arms):
+        acfg = arm_config(cfg, arm)
+        out += [(arm if len(trained) == 1 else f"{arm}-{v}", v, acfg, arm) for v in trained]
+    return out
+
+
+def _composition_usage(run_cfg: RunConfig, run_dir: Path) -> dict:
+    """Composition weights above uniform per level (decor.composition_usage) of ``run_dir/best`` on the run's
+    validation users; also written to ``run_dir/composition_usage.json``."""
+    import torch.distributed as dist
+
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.model.decor import composition_usage
+    from comeir_dist.train.loop import validation_subset
+
+    created = not dist.is_initialized()
+    try:
+        model, _, _, _ = load_model_from_checkpoint(run_dir / "best")
+        hist, target = validation_subset(run_cfg)
+        usage = composition_usage(model, hist, target, batch_size=run_cfg.eval.batch_size)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    write_json(run_dir / "composition_usage.json", usage)
+    return usage
+
+
 def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str | None = None,
-                   overwrite: bool = False) -> str:
-    """Train/evaluate every (variant, seed) under ``cfg.out``; finished runs (result files) are reused."""
+                   overwrite: bool = False, arms: list[str] | None = None) -> str:
+    """Train/evaluate every (variant, seed) -- with ``arms``: every (arm, variant, seed) -- under ``cfg.out``;
+    finished runs (result files) are reused."""
     if label and len(variants) > 1:
         raise UserError(f"--label {label!r} names one variant, got --variants {','.join(variants)}")
+    settings = _settings(cfg, variants, label, arms)
+    for name, variant, base, _ in settings:  # every combination is checked before anything trains
+        if variant != POPULAR:
+            _check_composition(_run_config(base, variant, base.seed, Path(base.out) / name), name)
     root = Path(cfg.out)
     for problem in protocol_deviations(cfg):
         log.warning("not the fair protocol: %s (see configs/experiment_cpu.yaml)", problem)
@@ -143,13 +246,12 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
     claim_out_dir(root, "experiment", None, "comeir experiment", overwrite=overwrite)
     (root / "results").mkdir(parents=True, exist_ok=True)
     for seed in range(cfg.seed, cfg.seed + seeds):
-        for variant in variants:
+        for name, variant, base, arm in settings:
             if variant == POPULAR and seed != cfg.seed:
                 continue  # deterministic: one run
-            name = label or variant
             key = f"{name}-seed{seed}"
             run_dir = root / key
-            run_cfg = _run_config(cfg, "comeir" if variant == POPULAR else variant, seed, run_dir)
+            run_cfg = _run_config(base, "comeir" if variant == POPULAR else variant, seed, run_dir)
             h = config_hash(run_cfg)
             result_path = root / "results" / f"{key}.json"
             if result_path.is_file():
@@ -160,6 +262,10 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
                 raise UserError(f"{result_path}: a result for {key} with a different config exists "
                                 f"(hash {old.get('config_hash')} vs {h}); use --label to name this setting")
             res = _popular(run_cfg) if variant == POPULAR else _train_and_test(run_cfg, run_dir, overwrite)
+            if variant != POPULAR and run_cfg.model.decor.compose:
+                res["composition_usage"] = _composition_usage(run_cfg, run_dir)
+            if arm is not None:
+                res.update(arm=arm, arm_overrides=arm_overrides(cfg, arm))
             row = {"label": name, "variant": variant, "seed": seed, "config_hash": h,
                    "engram": run_cfg.engram.model_dump(mode="json") if variant == "comeir" else None,
                    "model": run_cfg.model.model_dump(mode="json"), "train": run_cfg.train.model_dump(mode="json"),

@@ -7,7 +7,10 @@ One code path for every world size:
   torchrun, or a world-size-1 gloo group created here (``parallel.dist_env``);
 * Engram tables: TorchRec DMP, fused exact row-wise Adagrad applied inside backward (never a dense
   optimizer); dense part: one DeepSpeed ZeRO engine (``parallel.dense``); one ``engine.backward(loss)``
-  and one ``engine.step()`` per step;
+  and one ``engine.step()`` per step. The loss is model-defined (``parallel.dense.training_loss``: the SID
+  objective of Eq. 12, or the model's own ``training_loss``, e.g. sasrec's cross-entropy over all items).
+  A model without Engram tables (flatten / tm / sasrec) has no sparse part: no DMP, no fused optimizer, no
+  ``tables/`` in checkpoints (the table helpers find no tables and do nothing);
 * data: ``train.batch_size`` is the GLOBAL batch. Every rank draws the same seeded global permutation
   (``EpochSampler``) and takes its contiguous slice of each global batch (``ceil(batch / world)`` samples
   at most). Each rank's loss is ``mean_r * n_r * world / n`` (n_r = its samples, n = the global batch);
@@ -91,7 +94,8 @@ def micro_slices(idx: np.ndarray, accum: int, rank: int, world: int) -> list[tup
 
 
 def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: RunConfig, env: DistEnv) -> dict:
-    """Beam-search metrics over all validation users, sharded over ranks and merged exactly."""
+    """Item-ranking metrics (beam search for SID models, all items for sasrec; ``eval.evaluate``) over all
+    validation users, sharded over ranks and merged exactly."""
     parts = np.array_split(np.arange(len(target)), env.world_size)
     mine = parts[env.rank]
     bs = cfg.eval.batch_size

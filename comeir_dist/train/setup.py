@@ -8,15 +8,14 @@ import torch
 
 from comeir_dist.config.run import RunConfig
 from comeir_dist.data.dataset import check_dataset_dir
-from comeir_dist.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: 'cuda' requested but no CUDA device is available (use 'cpu' or 'auto')")
-    return torch.device(name)
+    """The run's device from ``cfg.device`` (auto | cpu | cuda) and ``LOCAL_RANK``: the one implementation in
+    :func:`comeir_dist.parallel.dist_env.resolve_device` (kept here for the callers that import it from setup)."""
+    from comeir_dist.parallel.dist_env import resolve_device as _resolve
+
+    return _resolve(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -51,7 +50,8 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
                             grad_scale=grad_scale, init_seed=init_seed)
     model.to(device)
-    model.trie = model.trie.to(device)
+    if model.trie is not None:  # SID models' catalog prefix tree (sasrec has none)
+        model.trie = model.trie.to(device)
     return model
 
 

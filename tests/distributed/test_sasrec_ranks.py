@@ -1,0 +1,100 @@
+"""SASRec (model.variant: sasrec, no Engram tables) trained with `train(cfg)` on 1 and 2 gloo ranks (CPU): the same
+losses and validation metrics; a 1-rank step checkpoint resumed on 2 ranks continues the same run; ZeRO-3 (the
+tied item table partitioned, gathered for both its uses) trains the same model; the 2-rank best/ evaluates
+identically in one process.
+
+Two launches of the existing ``workers.recovery_jobs`` (per-job "model" overrides select the variant), table_wise
+shape of ``workers.SHAPES`` (global batch 13 split unevenly over 2 ranks, 11 validation users in batches of 5 ->
+padded validation slices), 2K steps each, a step checkpoint every K.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import run_ranks
+from tests.distributed.workers import K, SHAPES, recovery_jobs
+from tests.fixtures import make_tiny_dataset
+
+TW = "table_wise"
+SASREC = {"variant": "sasrec"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sasrec_ranks")
+    ds = str(make_tiny_dataset(root / "data"))
+
+    def job(name, **kw):
+        return {"ds": ds, "out": str(root / name), "sharding": TW, "model": SASREC, **kw}
+
+    run_ranks(1, recovery_jobs, [job("w1")])
+    run_ranks(2, recovery_jobs, [job("w2"), job("w2_zero3", parallel={"zero_stage": 3}),
+                                 job("resumed_on_w2", copy={"src": str(root / "w1"), "step": K})])
+    return root
+
+
+def _losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_one_and_two_ranks_train_the_same_sasrec(runs):
+    l1, l2 = _losses(runs / "w1"), _losses(runs / "w2")
+    assert sorted(l1) == sorted(l2) == list(range(1, 2 * K + 1))
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1[s], l2[s])
+    s1, s2 = (json.loads((runs / d / "summary.json").read_text()) for d in ("w1", "w2"))
+    assert (s1["world_size"], s2["world_size"]) == (1, 2) and s1["variant"] == s2["variant"] == "sasrec"
+    v1, v2 = s1["validation"][-1], s2["validation"][-1]
+    assert v1["users"] == v2["users"] == SHAPES[TW][1]
+    for key in ("item/ndcg@10", "item/hit@10", "item/hit@5", "sid/ndcg@10"):
+        assert v2[key] == pytest.approx(v1[key], abs=1e-9), key
+    state = json.loads((runs / "w2" / "checkpoints" / f"step-{2 * K}" / "state.json").read_text())
+    assert state["config"]["model"]["variant"] == "sasrec" and state["table_layout"] == {}
+    assert not (runs / "w2" / "checkpoints" / f"step-{2 * K}" / "tables").exists()
+
+
+def test_zero3_partitions_the_tied_item_table(runs):
+    ref, z3 = _losses(runs / "w2"), _losses(runs / "w2_zero3")
+    assert sorted(z3) == list(range(1, 2 * K + 1))
+    for s in ref:
+        assert z3[s] == pytest.approx(ref[s], rel=1e-4), (s, ref[s], z3[s])
+    assert json.loads((runs / "w2_zero3" / "summary.json").read_text())["zero_stage"] == 3
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
+    ck = runs / "resumed_on_w2" / "checkpoints"
+    worlds = [json.loads((ck / f"step-{s}" / "state.json").read_text())["world_size"] for s in (K, 2 * K)]
+    assert worlds == [1, 2]  # step K is the copied 1-rank checkpoint (resumed, not retrained), 2K written by 2 ranks
+    full, resumed = _losses(runs / "w1"), _losses(runs / "resumed_on_w2")
+    assert sorted(resumed) == list(range(1, 2 * K + 1))  # the log is kept up to the resumed step
+    for s in range(K + 1, 2 * K + 1):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-4), (s, full[s], resumed[s])
+
+
+def test_sasrec_best_from_two_ranks_evaluates_in_one_process(runs):
+    import torch.distributed as dist
+
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.config.run import RunConfig
+    from comeir_dist.eval.evaluate import evaluate_arrays
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.train.loop import validation_subset
+
+    best = runs / "w2" / "best"
+    assert not (best / "tables.pt").exists()
+    created = not dist.is_initialized()
+    try:
+        model, cfg, meta, _ = load_model_from_checkpoint(best, device="cpu")
+        assert cfg.model.variant == "sasrec"
+        hist, target = validation_subset(parse_section(RunConfig, meta["config"]))
+        m = evaluate_arrays(model, hist, target, batch_size=cfg.eval.batch_size, ks=cfg.eval.ks)["sums"].means()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    assert m["users"] == len(target)
+    for key in ("item/ndcg@10", "item/hit@5", "sid/ndcg@10"):
+        assert m[key] == pytest.approx(meta["metrics"][key], abs=1e-9), key
