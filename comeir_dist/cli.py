@@ -109,12 +109,14 @@ def _build_parser() -> argparse.ArgumentParser:
     from comeir_dist.cli_plan import add_plan_command
     from comeir_dist.cli_scaling import add_scaling_command
     from comeir_dist.cli_analyze import add_analyze_command
+    from comeir_dist.cli_memory import add_memory_commands
 
     add_model_commands(sub)
     add_plan_command(sub)
     add_bench_commands(sub)
     add_scaling_command(sub)
     add_analyze_command(sub)
+    add_memory_commands(sub)
     return ap
 
 

@@ -123,6 +123,13 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--s-t", dest="s_t", type=float, help="override engram.s_t of the benchmarked model")
     q.add_argument("--s-s", dest="s_s", type=float, help="override engram.s_s of the benchmarked model")
 
+    q = bsub.add_parser("longseq", help="full-history attention vs preference memory (Rec2PM): serving bytes and "
+                                       "latency per user as the history grows")
+    q.add_argument("--out", required=True, help="report JSON (markdown table next to it as .md)")
+    q.add_argument("--lengths", help="comma-separated history lengths (default 100,200,500,1000,2000)")
+    q.add_argument("--reps", type=int, default=2)
+    q.add_argument("--threads", type=int)
+
     @command("bench")
     def _bench(args) -> int:
         if args.out:  # before the benchmark runs: a directory is not a report file name
@@ -148,6 +155,12 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
             cfg, settings = train_bench_config(args)
             rep = run_train_bench(cfg, settings, args.out or DEFAULT_OUT, source=args.config)
             print(markdown_table(rep))
+            return 0
+        if args.bench_cmd == "longseq":
+            from comeir_dist.bench.longseq import LENGTHS, markdown_table, run_longseq_bench
+
+            lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else LENGTHS
+            print(markdown_table(run_longseq_bench(args.out, lengths, reps=args.reps, threads=args.threads)))
             return 0
         raise UserError(f"unknown bench command {args.bench_cmd!r}")  # pragma: no cover (argparse rejects it)
 

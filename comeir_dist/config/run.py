@@ -10,6 +10,7 @@ from comeir_dist.config.parallel import ParallelConfig
 from comeir_dist.config.ray_job import RayTrainConfig
 from comeir_dist.engram.config import EngramConfig
 from comeir_dist.model.decor_config import TOKEN_FUSIONS, DecorConfig
+from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 
 VARIANTS = ("comeir", "flatten", "tm", "sasrec")
 ABLATIONS = ("no_mm_scoring", "no_memory_merge", "no_e_intra", "no_e_inter", "no_d_intra", "no_d_inter")
@@ -77,6 +78,7 @@ class ModelConfig(Section):
         "frozen codebook vector only. 'decor' = DECOR Eq. 9-11, W_fuse[LN(W_pre e_pre) || LN(W_collab e_collab)]. "
         "Also the candidate embedding e_x of the ComeIR head (Eq. 10).")
     decor: DecorConfig = Field(default_factory=DecorConfig, description="DECOR fusion / composition knobs.")
+    pref_memory: PrefMemoryConfig = Field(default_factory=PrefMemoryConfig, description="Rec2PM preference memory (tm).")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")

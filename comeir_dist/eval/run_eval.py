@@ -99,7 +99,9 @@ def run_evaluate(checkpoint: str, split: str = "test", out: str | None = None, d
     check_save_top(out, save_top)
     ckpt = Path(checkpoint)
     model, cfg, meta, dev = load_model_from_checkpoint(ckpt, dataset)
-    users, hist, target = split_samples(cfg.dataset, split, cfg.max_history)
+    from comeir_dist.train.archive_samples import run_split_samples
+
+    users, hist, target = run_split_samples(cfg, split)  # archives with model.pref_memory
     if max_users:
         users, hist, target = users[:max_users], hist[:max_users], target[:max_users]
     beam = search_width(cfg, beam_size, save_top)

@@ -51,7 +51,8 @@ from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduc
 from comeir_dist.train import checkpoint as ckpt
 from comeir_dist.train import train_log
 from comeir_dist.train.checkpoint_simple import save_checkpoint
-from comeir_dist.train.samples import EpochSampler, split_samples, training_samples
+from comeir_dist.train.archive_samples import run_split_samples, run_training_samples
+from comeir_dist.train.samples import EpochSampler, split_samples, training_samples  # noqa: F401
 from comeir_dist.train.setup import (build_sharded_model, check_memory_plan, dense_parameters, load_inputs,
                                     seed_everything)
 from comeir_dist.utils.atomic import write_json
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 
 def validation_subset(cfg: RunConfig):
-    _, hist, target = split_samples(cfg.dataset, "valid", cfg.max_history)
+    _, hist, target = run_split_samples(cfg, "valid")
     n = cfg.train.eval_users
     if n is not None and n < len(target):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(target), n, replace=False))
@@ -163,7 +164,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                                 grad_scale=sparse_grad_scale(world), init_seed=cfg.seed)
     seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout), independent of the sharding
     model.train()
-    hist, target = training_samples(cfg.dataset, cfg.max_history)
+    hist, target = run_training_samples(cfg)  # archives with model.pref_memory
     cfg = resolve_budget(cfg, len(target))  # max_epochs / eval_every_epochs -> steps
     tc = cfg.train
     val_hist, val_target = validation_subset(cfg)
@@ -341,7 +342,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         save_step_checkpoint()
     test = None
     if tc.final_test:  # the final (not the best) weights, all test users, merged exactly over ranks
-        _, t_hist, t_target = split_samples(cfg.dataset, "test", cfg.max_history)
+        _, t_hist, t_target = run_split_samples(cfg, "test")
         test = sharded_validation(dense.inference, t_hist, t_target, cfg, env)
         if env.is_main:
             log.info("final model, test split: %s", {k: round(v, 4) for k, v in test.items() if k.startswith("item/")})

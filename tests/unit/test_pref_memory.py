@@ -1,0 +1,224 @@
+"""Rec2PM preference memory on tm (model/pref_memory.py, train/archive_samples.py, eval/memory_store.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from comeir_dist.config.run import BackboneConfig
+from comeir_dist.decode.trie import PrefixTrie
+from comeir_dist.errors import UserError
+from comeir_dist.model.backbone import build_backbone
+from comeir_dist.model.history import Catalog, HistoryBatch
+from comeir_dist.model.pref_memory import PrefMemoryTM, global_block_mask, split_archive
+from comeir_dist.model.pref_memory_config import PrefMemoryConfig
+from comeir_dist.train.archive_samples import ArchiveHistory, align_archive
+from tests.fixtures import TINY_BACKBONE, make_tiny_dataset, tiny_run_config
+
+N_ITEMS, LEVELS, CB = 30, 3, 8
+
+
+def tiny_model(mode="overwrite", tokens=3, seg=4, seed=0, **pm) -> PrefMemoryTM:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(CB)] * LEVELS, indexing="ij"), -1).reshape(-1, LEVELS)
+    codes = torch.as_tensor(grid[rng.choice(len(grid), N_ITEMS, replace=False)])
+    cat = Catalog(codes, torch.randn(N_ITEMS, 8))
+    cfg = PrefMemoryConfig(enabled=True, tokens=tokens, segment_items=seg, mode=mode, archive_items=40, **pm)
+    m = PrefMemoryTM(cat, torch.randn(LEVELS, CB, 8), build_backbone(BackboneConfig(**TINY_BACKBONE)), 8, cfg)
+    m.trie = PrefixTrie.from_codes(codes, CB)
+    return m
+
+
+def archives(lengths, width=40, seg=4, seed=1):
+    rng = np.random.default_rng(seed)
+    rows = [align_archive(list(rng.integers(0, N_ITEMS, n)), width, seg) for n in lengths]
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, width - len(r):] = r
+    return torch.as_tensor(out)
+
+
+def test_split_archive_aligned_from_first_item():
+    items = archives([1, 4, 5, 13])
+    segs, recent = split_archive(items, 4)
+    assert segs.shape == (4, 3, 4)  # 13 items -> recent 1 + 3 complete segments
+    assert ((recent >= 0).sum(-1)).tolist() == [1, 4, 1, 1]
+    assert ((segs[:, :, 0] >= 0).sum(-1)).tolist() == [0, 0, 1, 3]
+    assert torch.equal(segs[3].reshape(-1), items[3, -13:-1]) and recent[3, -1] == items[3, -1]
+    assert align_archive(list(range(45)), 40, 4)[-1] == 44 and len(align_archive(list(range(45)), 40, 4)) == 37
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_memory_token_count_and_shapes(mode):
+    m = tiny_model(mode, tokens=3).eval()
+    mem, mask, recent, blocks = m.compress(archives([2, 9, 13]))
+    assert blocks.shape[1:3] == (3, 3)  # K = 3 complete segments of the longest row, C = 3
+    if mode == "overwrite":
+        assert mem.shape == (3, 3, 32) and mask.sum(-1).tolist() == [0, 3, 3]
+    else:
+        assert mem.shape == (3, 9, 32) and mask.sum(-1).tolist() == [0, 6, 9]
+
+
+def test_global_block_mask():
+    k, seg, c = 3, 2, 2
+    mask = global_block_mask(k, seg, c)
+    blk = seg + c
+    q = lambda h, i: h * blk + seg + i  # noqa: E731
+    item = lambda h, i: h * blk + i  # noqa: E731
+    # items see only earlier raw items, never a query token
+    assert mask[item(1, 1)].nonzero().flatten().tolist() == [item(0, 0), item(0, 1), item(1, 0), item(1, 1)]
+    # query block 1: raw items of segments 0..1, itself causally, no other query block
+    assert mask[q(1, 0)].nonzero().flatten().tolist() == [item(0, 0), item(0, 1), item(1, 0), item(1, 1), q(1, 0)]
+    assert mask[q(1, 1), q(1, 0)] and not mask[q(1, 0), q(1, 1)]
+    assert not mask[q(2, 0), q(1, 0)] and not mask[q(1, 0), item(2, 0)]
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_parallel_pass_equals_sequential_recurrence(mode):
+    """Fed the model's own sequential memories as references, the parallel local pass reproduces them."""
+    m = tiny_model(mode).eval()
+    items = archives([3, 8, 17, 25])
+    with torch.no_grad():
+        _, _, _, blocks = m.compress(items)
+        segs, _ = split_archive(items, 4)
+        present = segs[:, :, 0] >= 0
+        upd = m.parallel_updates(blocks, present, segs)
+    assert torch.allclose(upd[present], blocks[present], atol=1e-5)
+
+
+def test_local_pass_sees_only_previous_memory_and_own_segment():
+    m = tiny_model("overwrite").eval()
+    items = archives([25, 25])
+    segs, _ = split_archive(items, 4)
+    present = segs[:, :, 0] >= 0
+    refs = torch.randn(2, segs.shape[1], 3, 32)
+    with torch.no_grad():
+        base = m.parallel_updates(refs, present, segs)
+        refs2, segs2 = refs.clone(), segs.clone()
+        refs2[:, 0] += 5.0  # memory written by segment 0: read only by segment 1
+        segs2[:, 3] = (segs2[:, 3] + 1) % N_ITEMS  # items of segment 3
+        other = m.parallel_updates(refs2, present, segs2)
+    changed = (base - other).abs().amax(dim=(-1, -2))[0]
+    assert changed[1] > 1e-4 and changed[3] > 1e-4
+    assert changed[0] < 1e-6 and changed[2] < 1e-6 and changed[4] < 1e-6
+
+
+def _loss_with_leaf_refs(m, items, target):
+    """training_loss with the global pass replaced by a leaf tensor, to see what reaches the references."""
+    real = m.global_pass
+    holder = {}
+
+    def leaf(segs):
+        holder["refs"] = real(segs).detach().requires_grad_(True)
+        return holder["refs"]
+
+    m.global_pass = leaf
+    loss = m.training_loss(HistoryBatch(items, target))
+    loss.backward()
+    return holder["refs"].grad, m.last_losses
+
+
+def test_stop_grad_on_references():
+    items, target = archives([25, 21, 17]), torch.tensor([1, 2, 3])
+    full = tiny_model(stop_grad_refs=True, stop_grad_ref_inputs=True)
+    grad, losses = _loss_with_leaf_refs(full, items, target)
+    assert grad is None and losses["con"] > 0  # nothing flows into the reference pass
+    assert full.q_mem.grad is not None and full.q_mem.grad.abs().sum() > 0  # the update still trains
+    g_stop, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=True), items, target)
+    g_free, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=False), items, target)
+    assert g_stop is not None and g_free is not None  # memory inputs carry L_AR's gradient ...
+    assert not torch.allclose(g_stop, g_free)  # ... and only the un-stopped target adds L_con's pull
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_lcon_computed_and_weighted(mode):
+    m = tiny_model(mode)
+    items, target = archives([25, 13]), torch.tensor([4, 5])
+    total = m.training_loss(HistoryBatch(items, target))
+    assert m.last_losses["con"] > 0 and np.isfinite(m.last_losses["ar"])
+    assert torch.isclose(total, torch.tensor(m.last_losses["ar"] + m.last_losses["con"]), rtol=1e-4)
+    m0 = tiny_model(mode, align_weight=0.0)
+    m0.training_loss(HistoryBatch(items, target))
+    assert m0.last_losses["con"] == 0.0
+
+
+def test_other_variants_refused(tmp_path):
+    from comeir_dist.model.factory import build_model
+
+    cfg = tiny_run_config(tmp_path / "ds", tmp_path / "run", variant="comeir")
+    cfg.model.pref_memory.enabled = True
+    with pytest.raises(UserError, match="model.pref_memory.enabled"):
+        build_model(cfg, np.zeros((4, 3), np.int64), np.zeros((3, 8, 4), np.float32), np.zeros((4, 4), np.float32))
+
+
+def test_archive_history_matches_prefixes():
+    seqs = [list(range(10)), [7, 8, 9]]
+    h = ArchiveHistory(seqs, archive_items=8, seg=3)
+    assert len(h) == 9 + 2 and h.target.tolist() == list(range(1, 10)) + [8, 9]
+    row = h[np.array([8])][0]  # history 0..8 (n = 9): r = 3, keep 3 + 3 = 6
+    assert row.tolist() == [-1, -1, 3, 4, 5, 6, 7, 8]
+
+
+def test_overfit_tiny_long_histories():
+    m = tiny_model("overwrite", tokens=2, seg=4)
+    rng = np.random.default_rng(0)
+    n = 16  # users walk a cycle; the target depends on the last item
+    lengths = rng.integers(9, 30, n)
+    starts = rng.integers(0, N_ITEMS, n)
+    rows = [[(s + j) % N_ITEMS for j in range(L + 1)] for s, L in zip(starts, lengths)]
+    items = archives([0] * n)
+    for i, r in enumerate(rows):
+        a = align_archive(r[:-1], 40, 4)
+        items[i] = -1
+        items[i, 40 - len(a):] = torch.as_tensor(a)
+    target = torch.as_tensor([r[-1] for r in rows])
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        opt.zero_grad()
+        loss = m.training_loss(HistoryBatch(items, target))
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(loss) < 0.2 * first
+
+
+def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path):
+    """Short training run through the loop (archives from the dataset), `comeir memory build`, then evaluation
+    from the stored memories equals evaluation that recomputes them from the archives."""
+    from comeir_dist.eval.evaluate import evaluate_arrays
+    from comeir_dist.eval.memory_store import evaluate_from_memories, load_memories, run_memory_build
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.train.archive_samples import run_split_samples
+    from comeir_dist.train.loop import train
+
+    ds = make_tiny_dataset(tmp_path, n_users=12, n_items=40, seq_len=26)
+    cfg = tiny_run_config(ds, tmp_path / "run", variant="tm", max_steps=4, eval_every=4, batch_size=16,
+                          eval_users=8)
+    cfg.model.pref_memory = PrefMemoryConfig(enabled=True, tokens=2, segment_items=4, archive_items=20)
+    run = train(cfg)
+    rep = run_memory_build(str(run / "best"), None, str(tmp_path / "mem"))
+    assert rep["users"] == 12 and rep["bytes_per_user_max"] == 2 * 32 * 4
+    model, rcfg, _, dev = load_model_from_checkpoint(run / "best")
+    store = load_memories(tmp_path / "mem")
+    stored = evaluate_from_memories(model, store, beam_size=5, batch_size=5)
+    _, hist, target = run_split_samples(rcfg, "test")
+    assert hist.shape[1] == 20
+    recomputed = evaluate_arrays(model, hist, target, beam_size=5, batch_size=7)
+    assert np.array_equal(stored["top_items"], recomputed["top_items"])
+    assert stored["sums"].means() == pytest.approx(recomputed["sums"].means())
+
+
+def test_longseq_bench_small(tmp_path):
+    from comeir_dist.bench.longseq import kv_bytes, run_longseq_bench
+
+    rep = run_longseq_bench(str(tmp_path / "b.json"), lengths=(20, 40), batch=2, beam=3, tokens=2, seg=5, reps=1,
+                            warmup=0, n_items=60, codebook=8)
+    assert [r["history"] for r in rep["rows"]] == [20, 40] and (tmp_path / "b.md").is_file()
+    last = rep["rows"][-1]
+    assert last["full_kv_bytes"] == kv_bytes(2, 2, 16, 40, 4) and last["memory_bytes"] == 2 * 64 * 4
+    assert rep["storage_ratio_full_over_memory"] == last["ratio"] and rep["latency_ratio_full_over_memory"] > 0
+    q = rep["qwen3_0.6b"]["rows"][-1]
+    assert q["full_kv_bytes"] == kv_bytes(28, 8, 128, 40, 2) and q["memory_bytes"] == 2 * 1024 * 2
