@@ -54,3 +54,22 @@ def tiny_run_config(ds: Path, out: Path, variant="comeir", codebook_size=8, **tr
         "engram": {"codebook_size": codebook_size, "s_t": 0.5, "s_s": 0.5, "d_m": 16, "sparse_lr": 0.1},
         "model": {"variant": variant, "token_dim": 8, "window": 3, "backbone": TINY_BACKBONE},
         "train": t, "eval": {"beam_size": 5, "batch_size": 16}})
+
+
+def assert_decode_matches_teacher_forcing(model, batch, rtol=1e-4, atol=1e-4):
+    """Along the target path (one beam), the decoder's level-l logits equal the teacher-forced ones (finite where
+    the prefix tree allows the code). Returns the teacher-forced logits."""
+    import torch
+
+    codes = model.catalog.item_codes(batch.target)
+    with torch.no_grad():
+        tf = model.level_logits(batch, codes)
+        step = model.decoder(batch)
+        parent = None
+        for level in range(model.levels):
+            out = step(level, codes[:, :level].unsqueeze(1), parent)[:, 0]
+            valid = model.trie.valid_mask(codes[:, :level], level=level)
+            assert torch.isfinite(out[valid]).all()
+            torch.testing.assert_close(out[valid], tf[level][valid], rtol=rtol, atol=atol)
+            parent = torch.zeros(codes.shape[0], 1, dtype=torch.long)
+    return tf

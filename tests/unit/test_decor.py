@@ -13,7 +13,7 @@ from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import to_batch, training_samples
 from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import make_tiny_dataset, tiny_run_config
+from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
 
 FULL = {"compose": True, "alpha": 0.4, "bos_queries": 4}
 # (variant, decor section) of the composition settings checked for decoder == teacher forcing and causality
@@ -215,15 +215,8 @@ def test_kv_cached_decoder_equals_teacher_forcing(tiny, tmp_path, variant, decor
     model.eval()
     batch = _batch(tiny)
     codes = model.catalog.item_codes(batch.target)
+    tf = assert_decode_matches_teacher_forcing(model, batch)
     with torch.no_grad():
-        tf = model.level_logits(batch, codes)
-        step = model.decoder(batch)
-        parent = None
-        for l in range(model.levels):
-            out = step(l, codes[:, :l].unsqueeze(1), parent)[:, 0]
-            valid = model.trie.valid_mask(codes[:, :l], level=l)
-            torch.testing.assert_close(out[valid], tf[l][valid], rtol=1e-4, atol=1e-4)
-            parent = torch.zeros(codes.shape[0], 1, dtype=torch.long)
         small = HistoryBatch(batch.items[:3])
         res = beam_search(model.decoder(small), model.trie, 3, model.levels, beam_size=model.catalog.num_items + 8)
         assert int(res.valid.sum(1).min()) == model.catalog.num_items

@@ -12,7 +12,7 @@ from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import to_batch, training_samples
 from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import make_tiny_dataset, tiny_run_config
+from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
 
 VARIANTS = ("comeir", "flatten", "tm")
 # (decoding, nezha_delta)
@@ -57,15 +57,7 @@ def test_decode_step_matches_teacher_forcing(tiny, tmp_path, variant, decoding, 
     model.eval()
     batch = _batch(tiny)
     codes = model.catalog.item_codes(batch.target)
-    with torch.no_grad():
-        tf = model.level_logits(batch, codes)
-        step = model.decoder(batch)
-        parent = None
-        for l in range(model.levels):
-            out = step(l, codes[:, :l].unsqueeze(1), parent)[:, 0]
-            valid = model.trie.valid_mask(codes[:, :l], level=l)
-            torch.testing.assert_close(out[valid], tf[l][valid], rtol=1e-4, atol=1e-4)
-            parent = torch.zeros(codes.shape[0], 1, dtype=torch.long)
+    assert_decode_matches_teacher_forcing(model, batch)
 
 
 @pytest.mark.parametrize("decoding,delta", DECODINGS)

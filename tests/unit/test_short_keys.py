@@ -284,7 +284,7 @@ def test_shorten_model_forward_and_decode_consistent(tmp_path):
     teacher-forced ones under shorten, and short histories now receive inter memory that drop does not."""
     from comeir_dist.model.history import HistoryBatch
     from comeir_dist.train.setup import build_sharded_model, load_inputs
-    from tests.fixtures import make_tiny_dataset, tiny_run_config
+    from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
 
     ds = make_tiny_dataset(tmp_path / "ds")
     cfg = tiny_run_config(ds, tmp_path / "run")
@@ -296,16 +296,8 @@ def test_shorten_model_forward_and_decode_consistent(tmp_path):
     items = torch.tensor([[-1, -1, -1, 3], [-1, -1, 5, 6], [-1, -1, -1, -1], [1, 2, 3, 4]])
     batch = HistoryBatch(items, torch.tensor([7, 8, 9, 10]))
     codes = model.catalog.item_codes(batch.target)
+    tf = assert_decode_matches_teacher_forcing(model, batch)
     with torch.no_grad():
-        tf = model.level_logits(batch, codes)
-        step = model.decoder(batch)
-        parent = None
-        for l in range(model.levels):
-            out = step(l, codes[:, :l].unsqueeze(1), parent)[:, 0]
-            valid = model.trie.valid_mask(codes[:, :l], level=l)
-            assert torch.isfinite(out[valid]).all()
-            torch.testing.assert_close(out[valid], tf[l][valid], rtol=1e-4, atol=1e-4)
-            parent = torch.zeros(items.shape[0], 1, dtype=torch.long)
         # more padding changes nothing under shorten either
         more = HistoryBatch(torch.cat([torch.full((4, 3), -1), items], 1), batch.target)
         for x, y in zip(tf, model.level_logits(more, codes)):
