@@ -14,10 +14,10 @@ fp32 is not covered: the memory head's folded Engram reads fail there for Normal
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.distributed.run_compare import assert_same_training, losses
 from tests.distributed.harness import run_ranks
 from tests.distributed.workers import K, SHAPES, recovery_jobs
 from tests.fixtures import make_tiny_dataset
@@ -42,30 +42,16 @@ def runs(tmp_path_factory):
     return root
 
 
-def _losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
 @pytest.mark.parametrize("variant", list(RUNS))
 def test_one_and_two_ranks_train_the_same_nezha_model(runs, variant):
     one, two = runs / f"{variant}_w1", runs / f"{variant}_w2"
-    l1, l2 = _losses(one), _losses(two)
-    assert sorted(l1) == sorted(l2) == list(range(1, 2 * K + 1))
-    for s in l1:
-        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1[s], l2[s])
-    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
-    assert (s1["world_size"], s2["world_size"]) == (1, 2)
-    v1, v2 = s1["validation"][-1], s2["validation"][-1]
-    assert v1["users"] == v2["users"] == SHAPES[TW][1]
-    for key in ("item/ndcg@10", "item/hit@10", "sid/ndcg@10"):
-        assert v2[key] == pytest.approx(v1[key], abs=1e-9), key
+    assert_same_training(one, two, 2 * K, SHAPES[TW][1])
     state = json.loads((two / "checkpoints" / f"step-{2 * K}" / "state.json").read_text())
     assert state["config"]["model"]["decoding"] == "nezha" and state["config"]["model"]["variant"] == variant
 
 
 def test_nezha_under_zero3_bf16_trains_like_fp32(runs):
-    ref, z3 = _losses(runs / "comeir_w2"), _losses(runs / "comeir_w2_zero3")
+    ref, z3 = losses(runs / "comeir_w2"), losses(runs / "comeir_w2_zero3")
     assert sorted(z3) == list(range(1, 2 * K + 1))
     for s in ref:  # bf16 weights/activations vs fp32, the tolerance of test_zero3_bf16_resumes_under_zero1_on_one_rank
         assert z3[s] == pytest.approx(ref[s], rel=2e-2), (s, ref[s], z3[s])

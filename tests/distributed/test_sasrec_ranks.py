@@ -10,10 +10,10 @@ padded validation slices), 2K steps each, a step checkpoint every K.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.distributed.run_compare import assert_same_training, losses
 from tests.distributed.harness import run_ranks
 from tests.distributed.workers import K, SHAPES, recovery_jobs
 from tests.fixtures import make_tiny_dataset
@@ -36,29 +36,17 @@ def runs(tmp_path_factory):
     return root
 
 
-def _losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
 def test_one_and_two_ranks_train_the_same_sasrec(runs):
-    l1, l2 = _losses(runs / "w1"), _losses(runs / "w2")
-    assert sorted(l1) == sorted(l2) == list(range(1, 2 * K + 1))
-    for s in l1:
-        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1[s], l2[s])
-    s1, s2 = (json.loads((runs / d / "summary.json").read_text()) for d in ("w1", "w2"))
-    assert (s1["world_size"], s2["world_size"]) == (1, 2) and s1["variant"] == s2["variant"] == "sasrec"
-    v1, v2 = s1["validation"][-1], s2["validation"][-1]
-    assert v1["users"] == v2["users"] == SHAPES[TW][1]
-    for key in ("item/ndcg@10", "item/hit@10", "item/hit@5", "sid/ndcg@10"):
-        assert v2[key] == pytest.approx(v1[key], abs=1e-9), key
+    s1, s2 = assert_same_training(runs / "w1", runs / "w2", 2 * K, SHAPES[TW][1],
+                                  keys=("item/ndcg@10", "item/hit@10", "item/hit@5", "sid/ndcg@10"))
+    assert s1["variant"] == s2["variant"] == "sasrec"
     state = json.loads((runs / "w2" / "checkpoints" / f"step-{2 * K}" / "state.json").read_text())
     assert state["config"]["model"]["variant"] == "sasrec" and state["table_layout"] == {}
     assert not (runs / "w2" / "checkpoints" / f"step-{2 * K}" / "tables").exists()
 
 
 def test_zero3_partitions_the_tied_item_table(runs):
-    ref, z3 = _losses(runs / "w2"), _losses(runs / "w2_zero3")
+    ref, z3 = losses(runs / "w2"), losses(runs / "w2_zero3")
     assert sorted(z3) == list(range(1, 2 * K + 1))
     for s in ref:
         assert z3[s] == pytest.approx(ref[s], rel=1e-4), (s, ref[s], z3[s])
@@ -69,7 +57,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
     ck = runs / "resumed_on_w2" / "checkpoints"
     worlds = [json.loads((ck / f"step-{s}" / "state.json").read_text())["world_size"] for s in (K, 2 * K)]
     assert worlds == [1, 2]  # step K is the copied 1-rank checkpoint (resumed, not retrained), 2K written by 2 ranks
-    full, resumed = _losses(runs / "w1"), _losses(runs / "resumed_on_w2")
+    full, resumed = losses(runs / "w1"), losses(runs / "resumed_on_w2")
     assert sorted(resumed) == list(range(1, 2 * K + 1))  # the log is kept up to the resumed step
     for s in range(K + 1, 2 * K + 1):
         assert resumed[s] == pytest.approx(full[s], rel=1e-4), (s, full[s], resumed[s])
