@@ -6,7 +6,7 @@ import json
 
 
 def add_memory_commands(sub: "argparse._SubParsersAction") -> None:
-    from comeir_dist.cli import command
+    from comeir_dist.cli import add_overwrite_flag, command
 
     p = sub.add_parser("memory", help="preference memory (model.pref_memory): build / evaluate stored user memories")
     msub = p.add_subparsers(dest="memory_cmd", required=True)
@@ -16,6 +16,7 @@ def add_memory_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--out", required=True, help="output dir: memories.safetensors + memory.json")
     q.add_argument("--split", default="test", help="valid | test: whose histories are compressed")
     q.add_argument("--batch-size", dest="batch_size", type=int)
+    add_overwrite_flag(q)
     q = msub.add_parser("evaluate", help="rank the catalog from stored memories + the recent segment")
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--memories", required=True, help="dir written by `comeir memory build`")
@@ -27,7 +28,8 @@ def add_memory_commands(sub: "argparse._SubParsersAction") -> None:
         from comeir_dist.eval.memory_store import run_memory_build, run_memory_evaluate
 
         if args.memory_cmd == "build":
-            rep = run_memory_build(args.checkpoint, args.dataset, args.out, args.split, args.batch_size)
+            rep = run_memory_build(args.checkpoint, args.dataset, args.out, args.split, args.batch_size,
+                                   overwrite=args.overwrite)
         else:
             rep = run_memory_evaluate(args.checkpoint, args.memories, args.out, args.beam_size)
         print(json.dumps(rep, indent=2))

@@ -110,12 +110,14 @@ def evaluate_from_memories(model, store: dict, beam_size: int = 20, batch_size: 
 
 
 def run_memory_build(checkpoint: str, dataset: str | None, out: str, split: str = "test",
-                     batch_size: int | None = None) -> dict:
+                     batch_size: int | None = None, overwrite: bool = False) -> dict:
     from comeir_dist.eval.run_eval import load_model_from_checkpoint
     from comeir_dist.train.archive_samples import run_split_samples
+    from comeir_dist.utils.output_guard import check_out_dir, claim_out_dir
 
     if split not in ("valid", "test"):
         raise UserError(f"--split: {split!r}; allowed values: valid, test")
+    check_out_dir(out, "memory", overwrite=overwrite)  # a foreign dir is refused before any work
     model, cfg, meta, dev = load_model_from_checkpoint(Path(checkpoint), dataset)
     if not cfg.model.pref_memory.enabled:
         raise UserError(f"--checkpoint {checkpoint}: trained without model.pref_memory.enabled; nothing to build")
@@ -126,6 +128,7 @@ def run_memory_build(checkpoint: str, dataset: str | None, out: str, split: str 
     info = {"checkpoint": str(checkpoint), "split": split, "dataset": cfg.dataset, "mode": pm.mode,
             "tokens": pm.tokens, "segment_items": pm.segment_items, "archive_items": pm.archive_items,
             "step": meta.get("step")}
+    claim_out_dir(out, "memory", None, "comeir memory build", overwrite=overwrite)
     report = save_memories(Path(out), state, users, target, info)
     report["build_seconds"] = time.time() - t0
     return report

@@ -31,7 +31,8 @@ MARKER_FORMAT = "comeir-output/1"
 KINDS = {"dataset": "a prepared dataset (comeir prepare)", "run": "a training run (comeir train)",
          "experiment": "an experiment dir (comeir experiment)", "scaling": "a scaling sweep dir (comeir scaling)",
          "analysis": "an analysis dir (comeir analyze)", "converted-input": "converted input data (tools/convert_dataset.py)",
-         "hf-export": "a Hugging Face export (tools/export_hf.py)"}
+         "hf-export": "a Hugging Face export (tools/export_hf.py)",
+         "memory": "stored preference memories (comeir memory build)"}
 # files a run dir holds; ray_workers.jsonl is appended by Ray Train workers before train() starts
 RUN_FILES = ("train_log.jsonl", "summary.json", "ray_workers.jsonl")
 DATASET_FILES = ("stats.json", "items.parquet", "sequences.parquet")

@@ -209,6 +209,14 @@ def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path):
     recomputed = evaluate_arrays(model, hist, target, beam_size=5, batch_size=7)
     assert np.array_equal(stored["top_items"], recomputed["top_items"])
     assert stored["sums"].means() == pytest.approx(recomputed["sums"].means())
+    # a rebuild into its own dir is allowed; a user's non-empty dir is refused before any work
+    run_memory_build(str(run / "best"), None, str(tmp_path / "mem"))
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "memory.json").write_text("mine")
+    with pytest.raises(UserError):
+        run_memory_build(str(run / "best"), None, str(mine))
+    assert (mine / "memory.json").read_text() == "mine"
 
 
 def test_longseq_bench_small(tmp_path):
