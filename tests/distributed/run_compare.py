@@ -28,3 +28,30 @@ def assert_same_training(one: Path, two: Path, steps: int, users: int,
     for key in keys:
         assert v2[key] == pytest.approx(v1[key], abs=1e-9), key
     return s1, s2
+
+
+def evaluate_best_in_one_process(best: Path, keys=("item/ndcg@10", "item/hit@5", "sid/ndcg@10")):
+    """Load ``best/`` (written by 2 ranks) with `comeir evaluate`'s loader in this single process, evaluate the
+    validation users its run used and check the metrics it recorded (sharded validation == single process).
+    Returns ``(model, cfg, meta)`` for variant-specific checks."""
+    import torch.distributed as dist
+
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.config.run import RunConfig
+    from comeir_dist.eval.evaluate import evaluate_arrays
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.train.loop import validation_subset
+
+    created = not dist.is_initialized()
+    try:
+        model, cfg, meta, _ = load_model_from_checkpoint(best, device="cpu")
+        hist, target = validation_subset(parse_section(RunConfig, meta["config"]))
+        m = evaluate_arrays(model, hist, target, beam_size=cfg.eval.beam_size, batch_size=cfg.eval.batch_size,
+                            ks=cfg.eval.ks)["sums"].means()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    assert m["users"] == len(target)
+    for key in keys:
+        assert m[key] == pytest.approx(meta["metrics"][key], abs=1e-9), key
+    return model, cfg, meta

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tests.distributed.run_compare import assert_same_training, losses
+from tests.distributed.run_compare import assert_same_training, evaluate_best_in_one_process, losses
 from tests.distributed.harness import run_ranks
 from tests.distributed.workers import K, SHAPES, recovery_jobs
 from tests.fixtures import make_tiny_dataset
@@ -63,25 +63,5 @@ def test_decor_under_zero3_bf16_trains_like_fp32(runs):
 def test_decor_best_checkpoint_from_two_ranks_evaluates_in_one_process(runs):
     """best/ (fusion, composer and BOS queries; the frozen codebooks come from the SID dir) -> `comeir evaluate`'s
     loader -> the recorded validation metrics."""
-    import torch.distributed as dist
-
-    from comeir_dist.config.base import parse_section
-    from comeir_dist.config.run import RunConfig
-    from comeir_dist.eval.evaluate import evaluate_arrays
-    from comeir_dist.eval.run_eval import load_model_from_checkpoint
-    from comeir_dist.train.loop import validation_subset
-
-    best = runs / "flatten_w2" / "best"
-    created = not dist.is_initialized()
-    try:
-        model, cfg, meta, _ = load_model_from_checkpoint(best, device="cpu")
-        assert model.composer is not None and model.composer.bos is not None and cfg.model.token_fusion == "decor"
-        hist, target = validation_subset(parse_section(RunConfig, meta["config"]))
-        m = evaluate_arrays(model, hist, target, beam_size=cfg.eval.beam_size, batch_size=cfg.eval.batch_size,
-                            ks=cfg.eval.ks)["sums"].means()
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-    assert m["users"] == len(target)
-    for key in ("item/ndcg@10", "item/hit@5", "sid/ndcg@10"):
-        assert m[key] == pytest.approx(meta["metrics"][key], abs=1e-9), key
+    model, cfg, _ = evaluate_best_in_one_process(runs / "flatten_w2" / "best")
+    assert model.composer is not None and model.composer.bos is not None and cfg.model.token_fusion == "decor"

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.distributed.run_compare import assert_same_training, losses
+from tests.distributed.run_compare import assert_same_training, evaluate_best_in_one_process, losses
 from tests.distributed.harness import run_ranks
 from tests.distributed.workers import K, SHAPES, recovery_jobs
 from tests.fixtures import make_tiny_dataset
@@ -64,25 +64,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
 
 
 def test_sasrec_best_from_two_ranks_evaluates_in_one_process(runs):
-    import torch.distributed as dist
-
-    from comeir_dist.config.base import parse_section
-    from comeir_dist.config.run import RunConfig
-    from comeir_dist.eval.evaluate import evaluate_arrays
-    from comeir_dist.eval.run_eval import load_model_from_checkpoint
-    from comeir_dist.train.loop import validation_subset
-
     best = runs / "w2" / "best"
     assert not (best / "tables.pt").exists()
-    created = not dist.is_initialized()
-    try:
-        model, cfg, meta, _ = load_model_from_checkpoint(best, device="cpu")
-        assert cfg.model.variant == "sasrec"
-        hist, target = validation_subset(parse_section(RunConfig, meta["config"]))
-        m = evaluate_arrays(model, hist, target, batch_size=cfg.eval.batch_size, ks=cfg.eval.ks)["sums"].means()
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-    assert m["users"] == len(target)
-    for key in ("item/ndcg@10", "item/hit@5", "sid/ndcg@10"):
-        assert m[key] == pytest.approx(meta["metrics"][key], abs=1e-9), key
+    _, cfg, _ = evaluate_best_in_one_process(best)
+    assert cfg.model.variant == "sasrec"
