@@ -24,41 +24,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from comeir_dist.errors import UserError
 from tests.fixtures import make_tiny_dataset, tiny_run_config
+from tests.ray_train_runs import job_config, logged_losses, registered_checkpoints
 from tests.ray_head import start_head, start_node, venv_env
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 40, 5
+STEPS = 40
 
 
 def _config(ds: Path, root: Path, name: str, gcs: str) -> Path:
-    cfg = tiny_run_config(ds, root / name / "run", max_steps=STEPS, eval_every=STEPS, log_every=1, eval_users=16)
-    data = cfg.model_dump(mode="json")
-    data["device"] = "cpu"
-    data["parallel"].update({"world_size": 2, "backend": "gloo", "sharding": "row_wise", "zero_stage": 2,
-                             "checkpoint_every": EVERY, "keep_checkpoints": 3})
-    data["ray"].update({"cpus_per_worker": 1, "storage_path": str(root / name / "ray_results"), "max_failures": 1,
-                        "name": "run", "address": gcs, "placement_strategy": "STRICT_SPREAD"})
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _losses(run: Path) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
-
-
-def _registered(storage: Path) -> list[str]:
-    """Checkpoint dirs Ray Train's controller has registered (its checkpoint manager snapshot)."""
-    try:
-        snap = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [c["checkpoint_dir_name"] for c in snap.get("checkpoint_results", [])]
+    return job_config(ds, root, name, STEPS, address=gcs, placement_strategy="STRICT_SPREAD")
 
 
 def _starts(run: Path) -> list[dict]:
@@ -169,7 +146,7 @@ def faulted(cluster, reference):  # after `reference`: the two runs must not com
             for r in starts:
                 if r["pid"] not in seen and _session(r["pid"]) is not None:
                     seen[r["pid"]] = _session(r["pid"])
-            registered = _registered(storage)
+            registered = registered_checkpoints(storage)
             first = [r for r in starts if r["resume_from"] is None]
             if killed is None and registered and len(first) == 2:
                 victim = nodes["b"]
@@ -201,7 +178,7 @@ def test_strict_spread_places_one_worker_per_node(cluster, reference):
     assert sorted(r["rank"] for r in starts) == [0, 1] and all(r["resume_from"] is None for r in starts), starts
     groups = sorted(seen[r["pid"]] for r in starts)
     assert groups == sorted([nodes["head"].proc.pid, nodes["b"].proc.pid]), (groups, seen)
-    assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    assert [s for s, _ in logged_losses(run)] == list(range(1, STEPS + 1))
     print(f"cluster start {startup:.0f}s, reference run {elapsed:.0f}s")
 
 
@@ -223,7 +200,7 @@ def test_node_crash_restarts_two_workers_and_resumes_exactly(cluster, reference,
     resume_step = int(Path(resumed[0]["resume_from"]).name.split("-")[1])
     assert all(Path(a["resume_from"]) == Path(resumed[0]["resume_from"]) for a in resumed)
     assert f"step-{resume_step:08d}" in killed["registered"] and 0 < resume_step < STEPS, (resume_step, killed)
-    got, ref = _losses(run), dict(_losses(ref_run))
+    got, ref = logged_losses(run), dict(logged_losses(ref_run))
     assert [s for s, _ in got] == list(range(1, STEPS + 1)), "a step is missing or repeated in the logged history"
     for step, loss in got:
         assert loss == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, loss, ref[step], resume_step)

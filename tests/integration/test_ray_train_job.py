@@ -21,40 +21,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.fixtures import make_tiny_dataset, tiny_run_config
+from tests.fixtures import make_tiny_dataset
+from tests.ray_train_runs import job_config, logged_losses, registered_checkpoints
 from tests.ray_head import start_head, venv_env
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 60, 5
+STEPS = 60
 
 
 def _config(ds: Path, root: Path, name: str) -> Path:
-    cfg = tiny_run_config(ds, root / name / "run", max_steps=STEPS, eval_every=STEPS, log_every=1, eval_users=16)
-    data = cfg.model_dump(mode="json")
-    data["device"] = "cpu"
-    data["parallel"].update({"world_size": 2, "backend": "gloo", "sharding": "row_wise", "zero_stage": 2,
-                             "checkpoint_every": EVERY, "keep_checkpoints": 3})
-    data["ray"].update({"cpus_per_worker": 1, "storage_path": str(root / name / "ray_results"), "max_failures": 1,
-                        "local_num_cpus": 2, "name": "run"})  # fixed name: the tests read ray_results/run
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _losses(run: Path) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
-
-
-def _registered(storage: Path) -> list[str]:
-    """Checkpoint dirs Ray Train's controller has registered (its checkpoint manager snapshot)."""
-    try:
-        snap = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [c["checkpoint_dir_name"] for c in snap.get("checkpoint_results", [])]
+    return job_config(ds, root, name, STEPS, local_num_cpus=2)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +79,7 @@ def faulted(root, submitted):  # after `submitted`: the two runs must not compet
         while time.time() < deadline and proc.poll() is None and killed is None:
             # a step checkpoint committed on disk AND registered by Ray Train's controller (reports are pulled
             # from the workers asynchronously: a manifest uploaded a moment before the kill may be unknown)
-            committed = _registered(root / "faulted" / "ray_results" / "run")
+            committed = registered_checkpoints(root / "faulted" / "ray_results" / "run")
             workers = run / "ray_workers.jsonl"
             if committed and workers.is_file():
                 ranks = {r["rank"]: r for r in map(json.loads, workers.read_text().splitlines())}
@@ -126,7 +103,7 @@ def test_ray_job_submit_trains_and_checkpoints(submitted):
     assert summary["steps"] == STEPS and summary["world_size"] == 2
     commits = sorted(int(p.parent.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*/COMMITTED"))
     assert commits and commits[-1] == STEPS
-    assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    assert [s for s, _ in logged_losses(run)] == list(range(1, STEPS + 1))
     manifests = sorted((storage / "run").glob("*/comeir_checkpoint.json"))  # Ray Train's reported checkpoints
     assert manifests, list(storage.rglob("*"))[:20]
     last = json.loads(manifests[-1].read_text())
@@ -147,7 +124,7 @@ def test_killed_worker_is_restarted_and_resumes_exactly(submitted, faulted):
     assert killed["pid"] in {a["pid"] for a in first}
     resume_step = int(Path(resumed[0]["resume_from"]).name.split("-")[1])
     assert f"step-{resume_step:08d}" in killed["registered"] and 0 < resume_step < STEPS, (resume_step, killed)
-    got, ref = _losses(run), dict(_losses(ref_run))
+    got, ref = logged_losses(run), dict(logged_losses(ref_run))
     assert [s for s, _ in got] == list(range(1, STEPS + 1)), "a step is missing or repeated in the logged history"
     for step, loss in got:
         assert loss == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, loss, ref[step], resume_step)
