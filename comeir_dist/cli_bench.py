@@ -13,7 +13,8 @@ LATENCY_FLAGS = {"batch_size": "batch_size", "beam_size": "beam_size", "reps": "
 LOOKUP_FLAGS = {"tables": "tables", "rows": "rows", "dim": "dim", "batch": "batch", "ids_per_bag": "ids_per_bag",
                 "iters": "iters", "reps": "reps", "warmup": "warmup", "threads": "num_threads",
                 "copy_mib": "copy_mib"}
-TRAIN_FLAGS = {"steps": "steps", "warmup": "warmup", "threads": "threads", "profile_steps": "profile_steps"}
+TRAIN_FLAGS = {"steps": "steps", "warmup": "warmup", "threads": "threads", "profile_steps": "profile_steps",
+               "repeats": "repeats"}
 TRAIN_MODEL_FLAGS = {"s_t": "engram.s_t", "s_s": "engram.s_s"}  # overrides of the run config itself
 
 
@@ -120,6 +121,8 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--threads", type=int, help="torch threads per worker (threads x workers <= cores)")
     q.add_argument("--profile-steps", dest="profile_steps", type=int, help="profiled steps for the time shares")
     q.add_argument("--no-nn", dest="no_nn", action="store_true", help="skip the nn.EmbeddingBag baseline")
+    q.add_argument("--repeats", type=int, help="measure everything N times (fresh processes, world sizes in "
+                                               "alternating order); ratios as median [min, max]")
     q.add_argument("--s-t", dest="s_t", type=float, help="override engram.s_t of the benchmarked model")
     q.add_argument("--s-s", dest="s_s", type=float, help="override engram.s_s of the benchmarked model")
 

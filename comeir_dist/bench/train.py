@@ -62,6 +62,16 @@ Fused vs plain tables (1 worker, ``compare_nn``)
     The dense path's cost grows with the table SIZE (gradient memset, Adagrad over every row), the fused path's
     with the number of LOOKUPS; which one wins by how much depends on their ratio (see ``tables``).
 
+Repeats and turns (``bench.repeats`` / ``--repeats``, ``bench.interleave``)
+    Each repeat spawns every world size as its own process group with the fused tables only. With
+    ``interleave: k`` (default 2) the groups are alive at the same time and take turns (``bench.turns``): the
+    parent hands the machine to one group for its warm-up, then k timed steps at a time in ABBA order, then its
+    profiled steps; the other group waits in a blocking queue read. Machine drift (25% between runs minutes
+    apart on the shared 2-core machines) then hits the 1- and N-worker steps alike. ``interleave: 0`` runs them
+    one after the other (order alternating between repeats). An N-over-1 ratio pairs the runs of one repeat.
+    Then the 1-worker fused vs nn.EmbeddingBag pair runs alone. ``ratios`` reports every ratio the README states as median, min, max and relative spread over the
+    repeats; ``runs`` / ``scaling`` / ``fused_vs_nn`` detail the first repeat.
+
 Outputs: ``--out`` JSON (atomic; rewritten with ``"complete": false`` after each run group) and a markdown
 table next to it (``.md``), which is also printed. Numbers on a shared 2-core machine are noisy.
 """
@@ -102,6 +112,12 @@ class BenchTrainSettings(Section):
     isolated_s_t: list[PositiveFloat] = Field(default_factory=list,
                                               description="Extra inter scales s_T for the isolated table comparison.")
     timeout_s: float = Field(1800, gt=0, description="A run group that takes longer is killed.")
+    interleave: int = Field(2, ge=0, description="The world sizes of a repeat run AT ONCE and take turns, this many "
+                                                 "timed steps per turn (bench.turns): machine drift hits both "
+                                                 "sides of a ratio alike. 0 = one after the other.")
+    repeats: int = Field(1, ge=1, description="Measure everything this many times in fresh processes, the world "
+                                              "sizes in alternating order (1,2 then 2,1, ...); every ratio is "
+                                              "reported as median [min, max] over the repeats.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -209,60 +225,102 @@ def validate(cfg: RunConfig, settings: BenchTrainSettings) -> int:
 # ---- process groups -------------------------------------------------------------------------------------------
 def run_group(world: int, job: dict, timeout: float) -> list[dict]:
     """Spawn ``world`` ranks running ``train_worker.run_job(job)``; per-rank results in rank order."""
+    return run_groups({"g": (world, job)}, timeout)["g"]
+
+
+def run_groups(specs: dict, timeout: float, turns: Optional[tuple[list[str], int]] = None) -> dict:
+    """Spawn every group ``label -> (world, job)`` at once (each its own gloo group on a free port) and return
+    ``label -> per-rank results``. ``turns = (order, n_units)``: the groups take turns (``bench.turns``): no two
+    groups ever step at the same time. Without ``turns`` there must be one group."""
     import torch.multiprocessing as mp
 
     from comeir_dist.bench.train_worker import worker_entry
+    from comeir_dist.bench.turns import Turn, TurnTaker
     from comeir_dist.parallel.dist_env import _free_port, select_device
 
+    if turns is None and len(specs) != 1:
+        raise ValueError("several groups at once need turns")
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    child_env = {"OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"]),
+    first = next(iter(specs.values()))[1]
+    child_env = {"OMP_NUM_THREADS": str(first["threads"]), "MKL_NUM_THREADS": str(first["threads"]),
                  # DeepSpeed fixes its accelerator at import: the children's must be the training device's
-                 "DS_ACCELERATOR": select_device(job["run"].get("device", "auto")).type, "HF_HUB_OFFLINE": "1",
+                 "DS_ACCELERATOR": select_device(first["run"].get("device", "auto")).type, "HF_HUB_OFFLINE": "1",
                  "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    results = {label: ctx.Queue() for label in specs}
+    gates = {label: ([ctx.Queue() for _ in range(world)], ctx.Queue()) for label, (world, _) in specs.items()}
+    procs: dict[str, list] = {}
     saved = {k: os.environ.get(k) for k in child_env}
     os.environ.update(child_env)  # inherited by the spawned children (thread pools read it at import)
     try:
-        procs = [ctx.Process(target=worker_entry, args=(r, world, port, job, results), daemon=False)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
+        for label, (world, job) in specs.items():
+            port = _free_port()
+            procs[label] = []
+            for r in range(world):
+                turn = Turn(gates[label][0][r], gates[label][1], r) if turns else Turn()
+                procs[label].append(ctx.Process(target=worker_entry, args=(r, world, port, job, results[label], turn),
+                                                daemon=False))
+            for p in procs[label]:
+                p.start()
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    got: dict[int, tuple] = {}
+    got: dict[str, dict[int, tuple]] = {label: {} for label in specs}
+    all_procs = [p for ps in procs.values() for p in ps]
+
+    def drain() -> bool:
+        """Collect finished ranks' results; False once any rank failed."""
+        for label, q in results.items():
+            while True:
+                try:
+                    rank, res, tb = q.get_nowait()
+                except queue.Empty:
+                    break
+                got[label][rank] = (res, tb)
+        return not any(tb is not None for g in got.values() for _, tb in g.values())
+
     deadline = time.monotonic() + timeout
     try:
-        while len(got) < world and time.monotonic() < deadline:
+        if turns:
+            alive = lambda: drain() and all(p.is_alive() or p.exitcode == 0 for p in all_procs)  # noqa: E731
             try:
-                rank, res, tb = results.get(timeout=1.0)
-                got[rank] = (res, tb)
-                if tb is not None:
-                    break
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
-                    break
-        for p in procs:
-            p.join(max(1.0, min(60.0, deadline - time.monotonic())) if not any(v[1] for v in got.values()) else 5.0)
+                TurnTaker({k: gates[k] for k in specs}, alive, timeout).run(*turns)
+            except RuntimeError:
+                drain()
+                if not any(tb for g in got.values() for _, tb in g.values()):
+                    raise
+        while sum(len(g) for g in got.values()) < len(all_procs) and time.monotonic() < deadline:
+            if not drain():
+                break
+            if all(not p.is_alive() for p in all_procs):
+                time.sleep(0.5)
+                drain()
+                break
+            time.sleep(0.2)
+        failed = not drain()
+        for p in all_procs:
+            p.join(5.0 if failed else max(1.0, min(60.0, deadline - time.monotonic())))
     finally:
-        for p in procs:  # only our own children, by their Process handle
+        for p in all_procs:  # only our own children, by their Process handle
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        results.close()
-    errors = sorted((r, tb) for r, (_, tb) in got.items() if tb is not None)
-    if errors:
-        raise RuntimeError(f"bench train: rank {errors[0][0]} of {world} failed:\n{errors[0][1]}")
-    if len(got) < world:
-        missing = sorted(set(range(world)) - set(got))
-        codes = [p.exitcode for p in procs]
-        raise RuntimeError(f"bench train: ranks {missing} of {world} returned nothing (exit codes {codes}; "
-                           f"timeout {timeout:.0f}s)")
-    return [got[r][0] for r in range(world)]
+        for q in results.values():
+            q.close()
+    out = {}
+    for label, (world, _) in specs.items():
+        errors = sorted((r, tb) for r, (_, tb) in got[label].items() if tb is not None)
+        if errors:
+            raise RuntimeError(f"bench train: {label}: rank {errors[0][0]} of {world} failed:\n{errors[0][1]}")
+        if len(got[label]) < world:
+            missing = sorted(set(range(world)) - set(got[label]))
+            codes = [p.exitcode for p in procs[label]]
+            raise RuntimeError(f"bench train: {label}: ranks {missing} of {world} returned nothing (exit codes "
+                               f"{codes}; timeout {timeout:.0f}s)")
+        out[label] = [got[label][r][0] for r in range(world)]
+    return out
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -293,6 +351,8 @@ def summarize_path(ranks: list[dict], path: str, threads: int) -> dict:
                                                            for i in timed])) for g in groups},
            "bags_per_step": float(np.mean([bags[i] for i in timed])),
            "per_step_lookups_all": lookups, "per_step_s_all": step_s,
+           "per_step_wall_all": [[min(rr[i]["wall"][0] for rr in recs), max(rr[i]["wall"][1] for rr in recs)]
+                                 for i in range(n)],
            "first_loss": recs[0][0]["loss"], "losses": [recs[0][i]["loss"] for i in range(n)],
            "setup_s": max(r["setup_s"] for r in ranks), "peak_rss_gib": [r.get("peak_rss_gib") for r in ranks],
            "loadavg_steps": ranks[0].get("loadavg_steps")}
@@ -307,7 +367,7 @@ def summarize_path(ranks: list[dict], path: str, threads: int) -> dict:
 
 
 def _fused_vs_nn(runs: dict, isolated: list, tables: dict) -> dict:
-    f, n = runs.get("fused_w1"), runs.get("nn_embedding_w1")
+    f, n = runs.get("fused_w1_paired"), runs.get("nn_embedding_w1")
     if not f or not n:
         return {}
     res: dict = {"workers": 1, "table_state": {"fused": tables["fused"], "nn_embedding": tables["nn_embedding"]}}
@@ -336,25 +396,78 @@ def _fused_vs_nn(runs: dict, isolated: list, tables: dict) -> dict:
     return res
 
 
-def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, threads: int, groups: dict,
+def repeat_runs(groups: dict, threads: int) -> tuple[dict, list]:
+    """Run summaries of one repeat's groups: ``{"w<N>": ranks}`` (fused only) and ``"pair"`` (1 worker, fused and
+    nn.EmbeddingBag interleaved) -> ``({name: summary}, isolated results)``."""
+    runs: dict = {}
+    isolated: list = []
+    for label, ranks in groups.items():
+        for path in ranks[0]["paths"]:
+            world = len(ranks)
+            if label == "pair":
+                name = "fused_w1_paired" if path == "fused" else "nn_embedding_w1"
+            else:
+                name = f"fused_w{world}"
+            runs[name] = summarize_path(ranks, path, threads)
+        isolated += ranks[0].get("isolated", [])
+    return runs, isolated
+
+
+def repeat_ratios(runs: dict, isolated: list, tables: dict) -> dict:
+    """The ratios the README states, for one repeat: samples/s of N workers over 1, the comm share of N workers,
+    fused over nn.EmbeddingBag (table training in the step, tables alone per s_T, whole step)."""
+    out: dict = {}
+    if "fused_w1" in runs:
+        for name, r in runs.items():
+            if name.startswith("fused_w") and name != "fused_w1_paired" and r["workers"] > 1:
+                out[f"samples_per_s_{r['workers']}_over_1"] = r["samples_per_s"] / runs["fused_w1"]["samples_per_s"]
+    for name, r in runs.items():
+        if "profile" in r and name.startswith("fused_w") and r["workers"] > 1:
+            out[f"comm_share_w{r['workers']}"] = r["profile"]["shares_mean_over_ranks"]["comm"]
+    fv = _fused_vs_nn(runs, isolated, tables)
+    if "fused_over_nn_embedding" in fv:
+        out["fused_over_nn_in_step"] = fv["fused_over_nn_embedding"]
+    for s_t, ratio in fv.get("isolated_fused_over_nn_embedding", {}).items():
+        out[f"fused_over_nn_tables_alone_s_t{s_t}"] = ratio["train"]
+    if "whole_step" in fv:
+        out["fused_over_nn_whole_step"] = fv["whole_step"]["ratio"]
+    return out
+
+
+def ratio_stats(per_repeat: list[dict]) -> dict:
+    """``{ratio: {median, min, max, spread = (max - min) / median, n, values}}`` over the repeats that have it."""
+    out = {}
+    for key in sorted({k for r in per_repeat for k in r}):
+        vals = [r[key] for r in per_repeat if key in r]
+        st = _stats(vals)
+        out[key] = {**st, "spread": (st["max"] - st["min"]) / st["median"] if st["median"] else None,
+                    "values": vals}
+    return out
+
+
+def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, threads: int, repeats: list[dict],
                  info: dict, complete: bool) -> dict:
+    """``repeats``: per repeat, ``{"order": [...], "groups": {"w<N>" | "pair": per-rank results}}``. ``runs``,
+    ``scaling`` and ``fused_vs_nn`` describe the first repeat in full; ``ratios`` gives every ratio over all."""
     from comeir_dist.bench.latency import peak_rss_gib
     from comeir_dist.bench.train_worker import COMM_PATTERNS
 
     tables = tables_info(cfg)
-    runs: dict = {}
-    isolated: list = []
-    for world, ranks in sorted(groups.items()):
-        for path in ranks[0]["paths"]:
-            name = f"{'fused' if path == 'fused' else 'nn_embedding'}_w{world}"
-            runs[name] = summarize_path(ranks, path, threads)
-        isolated += ranks[0].get("isolated", [])
+    per_repeat = []
+    for rep in repeats:
+        runs_r, iso_r = repeat_runs(rep["groups"], threads)
+        per_repeat.append({"order": rep["order"], "ratios": repeat_ratios(runs_r, iso_r, tables),
+                           "samples_per_s": {k: r["samples_per_s"] for k, r in runs_r.items()},
+                           "step_s_median": {k: r["step_s"]["median"] for k, r in runs_r.items()},
+                           "loadavg_before": {k: (r.get("loadavg_steps") or {}).get("before", [None])[0]
+                                              for k, r in runs_r.items()}})
+    runs, isolated = repeat_runs(repeats[0]["groups"], threads) if repeats else ({}, [])
     checks: dict = {}
     for name, r in runs.items():
         if "profile" in r:
             checks[f"shares_sum_{name}"] = sum(r["profile"]["rank0"]["shares"].values())
-    if "fused_w1" in runs and "nn_embedding_w1" in runs:
-        a, b = runs["fused_w1"], runs["nn_embedding_w1"]
+    if "fused_w1_paired" in runs and "nn_embedding_w1" in runs:
+        a, b = runs["fused_w1_paired"], runs["nn_embedding_w1"]
         checks["lookups_equal_fused_vs_nn"] = a["per_step_lookups_all"] == b["per_step_lookups_all"]
         checks["first_loss_abs_diff_fused_vs_nn"] = abs(a["first_loss"] - b["first_loss"])
     fused = [r for k, r in runs.items() if k.startswith("fused_w")]
@@ -365,7 +478,7 @@ def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, thre
     if "fused_w1" in runs:
         base = runs["fused_w1"]["samples_per_s"]
         for k, r in runs.items():
-            if k.startswith("fused_w") and r["workers"] > 1:
+            if k.startswith("fused_w") and k != "fused_w1_paired" and r["workers"] > 1:
                 sp = r["samples_per_s"] / base
                 scaling[f"{r['workers']}_over_1"] = {"samples_per_s_ratio": sp, "efficiency": sp / r["workers"]}
     return {
@@ -376,6 +489,11 @@ def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, thre
                     "dense.backward_step(loss * weight), float(loss) + loss all-reduce; spawned gloo ranks",
             "timing": "warm-up steps untimed; per timed step the slowest rank's wall time (barrier before each "
                       "step, outside the timing); samples/s and lookups/s = totals over timed steps / summed time",
+            "repeats": "every repeat spawns each world size as its own process group (fused tables only); with "
+                       "interleave > 0 the groups run at once and take turns (warm-up, then interleave timed steps "
+                       "per turn, ABBA order, then the profiled steps), else one after the other (order alternating "
+                       "between repeats); then the 1-worker fused vs nn.EmbeddingBag pair alone; N-over-1 ratios "
+                       "pair the runs of the same repeat; ratios = median [min, max] over repeats",
             "lookups": "forward pre-hook on model.tables: sum of KJT lengths (valid key x head ids) of all groups, "
                        "summed over ranks; every looked-up row is updated in the fused backward",
             "shares": "torch.profiler CPU over profile_steps extra steps; self time of every event attributed to "
@@ -392,6 +510,8 @@ def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, thre
         "runs": runs,
         "scaling": scaling,
         "fused_vs_nn": _fused_vs_nn(runs, isolated, tables),
+        "repeats": per_repeat,
+        "ratios": ratio_stats([r["ratios"] for r in per_repeat]),
         "checks": checks,
         "machine": {**info, "threads_per_worker": threads, "loadavg_end": list(os.getloadavg()),
                     "parent_peak_rss_gib": peak_rss_gib(),
@@ -401,27 +521,46 @@ def build_report(cfg: RunConfig, settings: BenchTrainSettings, source: str, thre
 
 def run_train_bench(cfg: RunConfig, settings: BenchTrainSettings, out: Optional[str] = DEFAULT_OUT,
                     source: str = "config") -> dict:
-    """Validate, run every group (1 worker with the baseline first, then N workers), write JSON + markdown."""
+    """Validate, then per repeat: every world size (fused tables; alternating order), then the 1-worker fused vs
+    nn.EmbeddingBag pair; JSON + markdown rewritten (``complete: false``) after every group."""
     from comeir_dist.bench.latency import machine_info
     from comeir_dist.parallel.dist_env import resolve_backend, resolve_device
 
     threads = validate(cfg, settings)
     info = machine_info()
     backend = resolve_backend(cfg.parallel.backend, resolve_device(cfg.device))
-    groups: dict[int, list[dict]] = {}
     settings_d = settings.model_dump(mode="json")
-    for k, world in enumerate(settings.workers):
-        paths = ["fused", "nn"] if (world == 1 and settings.compare_nn) else ["fused"]
-        job = {"run": cfg.model_dump(mode="json"), "settings": settings_d, "paths": paths, "threads": threads,
-               "backend": backend, "isolated": world == 1 and settings.compare_nn}
-        log.info("bench train: run group %d/%d: %d worker(s) x %d thread(s), paths %s", k + 1, len(settings.workers),
-                 world, threads, paths)
-        t0 = time.perf_counter()
-        groups[world] = run_group(world, job, settings.timeout_s)
-        log.info("bench train: %d worker(s) done in %.1fs", world, time.perf_counter() - t0)
-        if out and k + 1 < len(settings.workers):
-            _write(out, build_report(cfg, settings, source, threads, groups, info, complete=False))
-    report = build_report(cfg, settings, source, threads, groups, info, complete=True)
+
+    def job(paths: list[str]) -> dict:
+        return {"run": cfg.model_dump(mode="json"), "settings": settings_d, "paths": paths, "threads": threads,
+                "backend": backend, "isolated": paths == ["fused", "nn"]}
+
+    from comeir_dist.bench.turns import units
+
+    n_units = len(units(settings.warmup, settings.steps, settings.interleave or settings.steps,
+                        settings.profile_steps))
+    plan = []  # per repeat: [(labels, together)]
+    for r in range(settings.repeats):
+        order = [f"w{w}" for w in (settings.workers if r % 2 == 0 else settings.workers[::-1])]
+        steps = [(order, True)] if settings.interleave and len(order) > 1 else [([x], False) for x in order]
+        plan.append(steps + ([(["pair"], False)] if settings.compare_nn else []))
+    repeats: list[dict] = []
+    n_total, k = sum(len(p) for p in plan), 0
+    for r, steps in enumerate(plan):
+        repeats.append({"order": [], "groups": {}})
+        for labels, together in steps:
+            specs = {lb: (1, job(["fused", "nn"])) if lb == "pair" else (int(lb[1:]), job(["fused"])) for lb in labels}
+            log.info("bench train: repeat %d/%d: %s (%s), %d thread(s) per worker", r + 1, settings.repeats,
+                     " + ".join(labels), "taking turns" if together else "alone", threads)
+            t0 = time.perf_counter()
+            got = run_groups(specs, settings.timeout_s, (labels, n_units) if together else None)
+            repeats[r]["groups"].update(got)
+            repeats[r]["order"] += labels
+            log.info("bench train: %s done in %.1fs", " + ".join(labels), time.perf_counter() - t0)
+            k += 1
+            if out and k < n_total:
+                _write(out, build_report(cfg, settings, source, threads, repeats, info, complete=False))
+    report = build_report(cfg, settings, source, threads, repeats, info, complete=True)
     if out:
         _write(out, report)
     return report
@@ -461,8 +600,19 @@ def markdown_table(report: dict) -> str:
         lines += ["", "1-minute load average before -> after the timed steps (2 = both cores busy): "
                       + ", ".join(loads) + "."]
     for k, v in report.get("scaling", {}).items():
-        lines += ["", f"Scaling {k.replace('_over_', ' vs ')} worker(s): samples/s x{v['samples_per_s_ratio']:.2f} "
-                      f"(parallel efficiency {100 * v['efficiency']:.0f}%)."]
+        lines += ["", f"Scaling {k.replace('_over_', ' vs ')} worker(s) in the first repeat: samples/s "
+                      f"x{v['samples_per_s_ratio']:.2f} (parallel efficiency {100 * v['efficiency']:.0f}%)."]
+    ratios = report.get("ratios") or {}
+    if ratios:
+        n = len(report.get("repeats", []))
+        orders = "; ".join(" ".join(r["order"]) for r in report.get("repeats", []))
+        lines += ["", f"## Ratios over {n} repeat(s) (fresh processes; group order per repeat: {orders})", "",
+                  "| ratio | median | min | max | spread (max-min)/median | values |", "|---|---:|---:|---:|---:|---|"]
+        for key, st in ratios.items():
+            fmt = _pct if key.startswith("comm_share") else (lambda x: f"{x:.2f}x")
+            spread = "-" if st["spread"] is None else f"{100 * st['spread']:.0f}%"
+            lines.append(f"| {key} | **{fmt(st['median'])}** | {fmt(st['min'])} | {fmt(st['max'])} | {spread} | "
+                         + ", ".join(fmt(v) for v in st["values"]) + " |")
     for name, r in report["runs"].items():
         prof = r.get("profile")
         if not prof:

@@ -48,8 +48,9 @@ RESOLVE_LAZY = True  # while profiling, resolve DMP's LazyAwaitable outputs insi
 
 
 # ---- process entry ----------------------------------------------------------------------------------------
-def worker_entry(rank: int, world: int, port: int, job: dict, results) -> None:
-    """Spawned target: join the group, run the job, put ``(rank, result | None, traceback | None)``."""
+def worker_entry(rank: int, world: int, port: int, job: dict, results, turn=None) -> None:
+    """Spawned target: join the group, run the job, put ``(rank, result | None, traceback | None)``. ``turn``
+    (``bench.turns.Turn``): wait for the parent before each unit of work (groups taking turns)."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
@@ -65,7 +66,7 @@ def worker_entry(rank: int, world: int, port: int, job: dict, results) -> None:
     code = 0
     try:
         dist.init_process_group(job["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        res = run_job(job)
+        res = run_job(job, turn)
         dist.barrier()
         results.put((rank, res, None))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
@@ -508,10 +509,13 @@ def isolated_at_scale(cfg, s_t: float, sids, emb, hist, target, idx_list, device
 
 
 # ---- the job ---------------------------------------------------------------------------------------------------
-def run_job(job: dict) -> dict:
-    """Build the requested paths, run warm-up + timed steps interleaved, profile, (rank 0, world 1) isolated."""
+def run_job(job: dict, turn=None) -> dict:
+    """Build the requested paths, run warm-up + timed steps interleaved, profile, (rank 0, world 1) isolated.
+    With a ``turn`` (``bench.turns``) every unit of work -- the warm-up, each block of ``bench.interleave`` timed
+    steps, the profiled steps -- waits for the parent's go and reports back when done."""
     from tqdm import tqdm
 
+    from comeir_dist.bench.turns import Turn, units
     from comeir_dist.config.run import RunConfig
     from comeir_dist.parallel.dist_env import init_distributed
     from comeir_dist.train.samples import training_samples
@@ -523,6 +527,7 @@ def run_job(job: dict) -> dict:
         deepspeed.utils.logger.setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
+    turn = turn or Turn()
     cfg = RunConfig.model_validate(job["run"])
     s = job["settings"]
     env = init_distributed(cfg.device, cfg.parallel.backend)
@@ -541,41 +546,53 @@ def run_job(job: dict) -> dict:
     n_steps = s["warmup"] + s["steps"]
     rng_state = torch.get_rng_state()
     capture_from = n_steps - min(s["isolated_batches"], s["steps"]) if job.get("isolated") else None
-    load_before = list(os.getloadavg())
+    plan = units(s["warmup"], s["steps"], s.get("interleave") or s["steps"], s["profile_steps"])
+    load_before = None
     bar = tqdm(total=n_steps * len(states), desc=f"bench train w{env.world_size} {'+'.join(states)}", unit="step",
                mininterval=2.0, disable=env.rank != 0)
-    for i in range(n_steps):
-        names = list(states) if i % 2 == 0 else list(states)[::-1]  # alternate the order of the paths
-        for p in names:
-            st = states[p]
-            if i == 0:
-                torch.set_rng_state(rng_state)  # same dropout masks for the first step of every path
-            if capture_from is not None and i == capture_from and p == "fused":
-                st.capture = []
-            n0 = len(st.lookups)
-            env.barrier()
-            t0 = time.perf_counter()
-            loss, n_global = train_step(st, hist, target, env)
-            dt = time.perf_counter() - t0
-            lk = st.lookups[n0:]
-            st.records.append({"step": i, "s": dt, "loss": loss, "samples": n_global, "timed": i >= s["warmup"],
-                               "lookups": int(sum(sum(d.values()) for d in lk)),
-                               "lookups_by_group": {g: sum(d.get(g, 0) for d in lk) for g in (lk[0] if lk else {})},
-                               "bags": int(sum(st.bags[n0:]))})
-            bar.update(1)
+    i = 0
+    for kind, n in plan:
+        if kind == "profile":
+            break
+        turn.wait()
+        if kind == "timed" and load_before is None:
+            load_before = list(os.getloadavg())
+        for i in range(i, i + n):
+            names = list(states) if i % 2 == 0 else list(states)[::-1]  # alternate the order of the paths
+            for p in names:
+                st = states[p]
+                if i == 0:
+                    torch.set_rng_state(rng_state)  # same dropout masks for the first step of every path
+                if capture_from is not None and i == capture_from and p == "fused":
+                    st.capture = []
+                n0 = len(st.lookups)
+                env.barrier()
+                wall0, t0 = time.time(), time.perf_counter()
+                loss, n_global = train_step(st, hist, target, env)
+                dt = time.perf_counter() - t0
+                lk = st.lookups[n0:]
+                st.records.append({"step": i, "s": dt, "wall": [wall0, wall0 + dt], "loss": loss, "samples": n_global,
+                                   "timed": i >= s["warmup"], "lookups": int(sum(sum(d.values()) for d in lk)),
+                                   "lookups_by_group": {g: sum(d.get(g, 0) for d in lk) for g in (lk[0] if lk else {})},
+                                   "bags": int(sum(st.bags[n0:]))})
+                bar.update(1)
+        i += 1
+        turn.done()
     bar.close()
     captured = states["fused"].capture if "fused" in states else None
     if "fused" in states:
         states["fused"].capture = None
     result: dict = {"rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(),
                     "setup_s": setup_s, "setup_breakdown_s": setup,
-                    "loadavg_steps": {"before": load_before, "after": list(os.getloadavg())}, "paths": {}}
+                    "loadavg_steps": {"before": load_before or list(os.getloadavg()), "after": list(os.getloadavg())}, "paths": {}}
     for p, st in states.items():
         result["paths"][p] = {"records": st.records}
-    for p, st in states.items():  # profiled steps after the timed ones (same process, same objects)
-        if s["profile_steps"] > 0:
+    if s["profile_steps"] > 0:
+        turn.wait()
+        for p, st in states.items():  # profiled steps after the timed ones (same process, same objects)
             log.info("bench train: profiling %s (%d steps)", p, s["profile_steps"])
             result["paths"][p]["profile"] = profile_path(st, hist, target, env, s["profile_steps"])
+        turn.done()
     if job.get("isolated") and env.world_size == 1 and "fused" in states and "nn" in states and captured:
         log.info("bench train: isolated tables on %d captured steps", len(captured))
         iso = isolated_tables(states["fused"].model.tables.collections(), states["nn"].model.tables.collections(),

@@ -47,18 +47,24 @@ class EngramTables(nn.Module):
             g: build_engram_collection(specs, device=device, dtype=cfg.table_dtype, init_scale=cfg.init_scale)
             for g, specs in grouped_specs(cfg).items()})
         self._attached: dict[str, nn.Module] | None = None
+        self._call_groups = None
 
-    def attach(self, modules: dict[str, nn.Module]) -> None:
-        """Serve lookups from ``modules`` (e.g. DMP-sharded collections) and drop the unsharded ones."""
+    def attach(self, modules: dict[str, nn.Module], call_groups=None) -> None:
+        """Serve lookups from ``modules`` (e.g. DMP-sharded collections) and drop the unsharded ones.
+        ``call_groups({group: KJT}) -> {group: KeyedTensor}``, if given, serves a whole forward at once (the
+        parallel layer schedules every group's exchanges together); else each group module is called in turn."""
         if set(modules) != set(self.groups.keys()):
             raise ValueError(f"attach needs every group {sorted(self.groups.keys())}, got {sorted(modules)}")
         object.__setattr__(self, "_attached", dict(modules))
+        object.__setattr__(self, "_call_groups", call_groups)
         self.groups = nn.ModuleDict()
 
     def collections(self) -> dict[str, nn.Module]:
         return self._attached if self._attached is not None else dict(self.groups.items())
 
     def forward(self, kjts: dict):
+        if self._call_groups is not None:
+            return self._call_groups(kjts)
         mods = self.collections()
         return {g: mods[g](kjt) for g, kjt in kjts.items()}
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from comeir_dist.engram.config import EngramConfig
+from comeir_dist.parallel.pipelined_lookup import PipelinedGroupsLookup
 from comeir_dist.parallel.sparse import (EngramShardedLookup, _unwrap, build_plan, init_single_process_group,
                                          load_sparse_state_dict, make_sharder, shard_engram_collection,
                                          sparse_state_dict)
@@ -67,8 +68,13 @@ def shard_engram_tables(tables: torch.nn.Module, cfg: EngramConfig, device: str 
         if grad_scale != 1.0:
             mod = GradScaledLookup(mod, grad_scale)
         sharded[name] = mod
-    tables.attach(sharded)
+    tables.attach(sharded, call_groups=PipelinedGroupsLookup(sharded, dmp_of, _scaled_output, pg))
     return tables
+
+
+def _scaled_output(module: torch.nn.Module, kt):
+    """``kt`` with the gradient scaling of the attached group ``module`` (identity without a wrapper)."""
+    return module.scaled(kt) if isinstance(module, GradScaledLookup) else kt
 
 
 def _shard_with_column_shards(ebc, pg, device, plan, cfg: EngramConfig, column_shards: int,
@@ -132,9 +138,11 @@ class GradScaledLookup(torch.nn.Module):
         return dmp_of(self.inner)
 
     def forward(self, kjt):
+        return self.scaled(self.inner(kjt))
+
+    def scaled(self, kt):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
-        kt = self.inner(kjt)
         return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(),
                            values=_ScaleGrad.apply(kt.values(), self.scale), key_dim=kt.key_dim())
 

@@ -54,8 +54,8 @@ def one_worker(tmp_path_factory):
 def test_report_schema(one_worker):
     rep, out, _, _ = one_worker
     assert rep["complete"] is True
-    assert set(rep["runs"]) == {"fused_w1", "nn_embedding_w1"}
-    for key in ("method", "config", "tables", "runs", "fused_vs_nn", "checks", "machine"):
+    assert set(rep["runs"]) == {"fused_w1", "fused_w1_paired", "nn_embedding_w1"}
+    for key in ("method", "config", "tables", "runs", "fused_vs_nn", "repeats", "ratios", "checks", "machine"):
         assert key in rep
     assert rep["config"]["bench"]["workers"] == [1] and rep["config"]["run"]["train"]["batch_size"] == 32
     assert {"cpu_count", "threads_per_worker", "loadavg_start", "loadavg_end"} <= set(rep["machine"])
@@ -76,8 +76,14 @@ def test_report_schema(one_worker):
         for p in ("fused", "nn_embedding"):
             assert set(x["paths"][p]) == {"forward", "train"} and x["paths"][p]["train"]["lookups_per_s"] > 0
         assert 0 < x["unique_rows_per_batch"] <= x["lookups_per_batch"]
+    assert [r["order"] for r in rep["repeats"]] == [["w1", "pair"]]
+    ratios = rep["ratios"]
+    assert {"fused_over_nn_in_step", "fused_over_nn_whole_step", "fused_over_nn_tables_alone_s_t0.5",
+            "fused_over_nn_tables_alone_s_t1.0"} == set(ratios)
+    assert ratios["fused_over_nn_in_step"]["values"] == [fv["fused_over_nn_embedding"]]
     md = out.with_suffix(".md").read_text()
     assert "| fused_w1 |" in md and "| nn_embedding_w1 |" in md and "fused_over_nn_embedding" in md
+    assert "| fused_over_nn_in_step |" in md
 
 
 def test_shares_sum_to_one(one_worker):
@@ -101,7 +107,8 @@ def test_shares_sum_to_one(one_worker):
 
 def test_lookup_counts_consistent(one_worker):
     rep, _, cfg_path, ds = one_worker
-    f, n = rep["runs"]["fused_w1"], rep["runs"]["nn_embedding_w1"]
+    f, n = rep["runs"]["fused_w1_paired"], rep["runs"]["nn_embedding_w1"]
+    assert rep["runs"]["fused_w1"]["per_step_lookups_all"] == f["per_step_lookups_all"]  # same batches
     assert rep["checks"]["lookups_equal_fused_vs_nn"] is True
     assert f["per_step_lookups_all"] == n["per_step_lookups_all"]
     assert sum(f["lookups_by_group_per_step"].values()) == pytest.approx(f["lookups_per_step"])
@@ -211,6 +218,47 @@ def test_config_errors(tmp_path, capsys):
         train_bench_config(args)
 
 
+def _fake_ranks(world: int, paths: list[str], step_s: float, comm: float) -> list[dict]:
+    """Per-rank results as ``train_worker`` returns them: 2 timed steps of ``step_s`` seconds, 64 samples each."""
+    rec = {"s": step_s, "wall": [0.0, step_s], "lookups": 10, "bags": 20, "samples": 64, "timed": True, "lookups_by_group": {"g": 10},
+           "loss": 1.0}
+    shares = {"tables": 0.1, "dense": 0.9 - comm, "comm": comm, "keys": 0.0, "other": 0.0}
+    prof = {"shares": shares, "profiled_step_s": step_s}
+    return [{"paths": {p: {"records": [dict(rec), dict(rec)], "profile": prof} for p in paths}, "setup_s": 1.0}
+            for _ in range(world)]
+
+
+def test_repeats_alternate_and_pair_ratios(tmp_path, monkeypatch):
+    """Repeats run the world sizes in alternating order in fresh groups; each N-over-1 ratio pairs the runs of
+    its own repeat; ratios report median / min / max / spread over the repeats."""
+    import comeir_dist.bench.train as bt
+
+    cfg, settings = bt.load_bench_config(str(_write_config(tmp_path)[0]))
+    settings = settings.model_copy(update={"workers": [1, 2], "compare_nn": False, "repeats": 3, "interleave": 0})
+    calls = []
+    step = {1: [1.0, 1.2, 0.9], 2: [0.5, 0.8, 0.5]}  # per repeat
+
+    def fake_run_groups(specs, timeout, turns=None):
+        assert turns is None and len(specs) == 1
+        (label, (world, job)), = specs.items()
+        r = sum(1 for w, _ in calls if w == world)
+        calls.append((world, job["paths"]))
+        return {label: _fake_ranks(world, job["paths"], step[world][r], comm=0.1 * (r + 1))}
+
+    monkeypatch.setattr(bt, "run_groups", fake_run_groups)
+    rep = bt.run_train_bench(cfg, settings, str(tmp_path / "r.json"))
+    assert [w for w, _ in calls] == [1, 2, 2, 1, 1, 2] and all(p == ["fused"] for _, p in calls)
+    assert [r["order"] for r in rep["repeats"]] == [["w1", "w2"], ["w2", "w1"], ["w1", "w2"]]
+    st = rep["ratios"]["samples_per_s_2_over_1"]
+    assert st["values"] == pytest.approx([2.0, 1.5, 1.8]) and st["n"] == 3
+    assert (st["median"], st["min"], st["max"]) == pytest.approx((1.8, 1.5, 2.0))
+    assert st["spread"] == pytest.approx(0.5 / 1.8)
+    assert rep["ratios"]["comm_share_w2"]["values"] == pytest.approx([0.1, 0.2, 0.3])
+    assert rep["scaling"]["2_over_1"]["samples_per_s_ratio"] == pytest.approx(2.0)  # the first repeat
+    md = (tmp_path / "r.md").read_text()
+    assert "Ratios over 3 repeat(s)" in md and "| samples_per_s_2_over_1 | **1.80x** | 1.50x | 2.00x | 28% |" in md
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("COMEIR_SLOW_TESTS") != "1",
                     reason="2 spawned ranks take 25-50 s: set COMEIR_SLOW_TESTS=1 to run")
@@ -220,14 +268,71 @@ def test_two_workers(tmp_path, one_worker):
     from comeir_dist.bench.train import load_bench_config, run_train_bench
 
     cfg, settings = load_bench_config(str(_write_config(tmp_path)[0]))
-    settings = settings.model_copy(update={"workers": [2], "compare_nn": False, "threads": 1})
+    settings = settings.model_copy(update={"workers": [1, 2], "compare_nn": False, "threads": 1, "steps": 2,
+                                           "interleave": 1})
     rep = run_train_bench(cfg, settings, str(tmp_path / "w2.json"))
     r = rep["runs"]["fused_w2"]
-    assert set(rep["runs"]) == {"fused_w2"} and r["workers"] == 2 and "fused_vs_nn" in rep
-    assert r["per_step_lookups_all"] == one_worker[0]["runs"]["fused_w1"]["per_step_lookups_all"]
+    assert set(rep["runs"]) == {"fused_w1", "fused_w2"} and r["workers"] == 2 and "fused_vs_nn" in rep
+    assert r["per_step_lookups_all"] == rep["runs"]["fused_w1"]["per_step_lookups_all"]
+    assert r["per_step_lookups_all"][:1] == one_worker[0]["runs"]["fused_w1"]["per_step_lookups_all"]
+    assert rep["repeats"][0]["order"] == ["w1", "w2"] and "samples_per_s_2_over_1" in rep["ratios"]
+    walls = sorted([(a, b, "w1") for a, b in rep["runs"]["fused_w1"]["per_step_wall_all"]]
+                   + [(a, b, "w2") for a, b in r["per_step_wall_all"]])
+    for (a0, b0, g0), (a1, b1, g1) in zip(walls, walls[1:]):
+        assert b0 <= a1 or g0 == g1, "the 1- and 2-worker groups stepped at the same time"
+    assert [g for _, _, g in walls] == ["w1", "w2", "w2", "w1"]  # ABBA turns of one step
     prof = r["profile"]
     assert len(prof["shares_per_rank"]) == 2
     for sh in prof["shares_per_rank"]:
         assert sum(sh.values()) == pytest.approx(1.0, abs=1e-6)
     assert prof["rank0"]["seconds_per_step"]["comm"] > 0  # the all-to-alls and reductions are real collectives
     assert np.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
+
+
+def test_turn_units():
+    from comeir_dist.bench.turns import units
+
+    assert units(2, 5, 2, 1) == [("warmup", 2), ("timed", 2), ("timed", 2), ("timed", 1), ("profile", 0)]
+    assert units(0, 4, 4, 0) == [("timed", 4)]
+
+
+def test_turn_taker_never_overlaps_and_alternates():
+    """Groups (threads standing in for processes) only work between the parent's go and their report; the
+    parent alternates the order from unit to unit (ABBA), and a dead group is reported, not waited for."""
+    import queue as q
+    import threading
+    import time
+
+    from comeir_dist.bench.turns import Turn, TurnTaker
+
+    log, lock = [], threading.Lock()
+    groups, threads = {}, []
+    for label, world in (("w1", 1), ("w2", 2)):
+        gos, back = [q.Queue() for _ in range(world)], q.Queue()
+        groups[label] = (gos, back)
+        for r in range(world):
+            def rank_main(turn=Turn(gos[r], back, r), label=label, r=r):
+                for u in range(3):
+                    turn.wait()
+                    with lock:
+                        log.append(("start", label, r, u))
+                    time.sleep(0.01)
+                    with lock:
+                        log.append(("end", label, r, u))
+                    turn.done()
+            threads.append(threading.Thread(target=rank_main, daemon=True))
+    for t in threads:
+        t.start()
+    TurnTaker(groups, alive=lambda: True, timeout_s=30).run(["w1", "w2"], 3)
+    running = set()
+    for kind, label, r, _ in log:
+        if kind == "start":
+            assert all(lb == label for lb, _ in running), "two groups worked at the same time"
+            running.add((label, r))
+        else:
+            running.discard((label, r))
+    firsts = [label for kind, label, r, u in log if kind == "start" and r == 0]
+    assert firsts == ["w1", "w2", "w2", "w1", "w1", "w2"]
+    dead = {"w1": ([q.Queue()], q.Queue())}
+    with pytest.raises(RuntimeError, match="w1 stopped"):
+        TurnTaker(dead, alive=lambda: False, timeout_s=30).give("w1")
