@@ -350,7 +350,8 @@ def summarize_path(ranks: list[dict], path: str, threads: int) -> dict:
            "lookups_by_group_per_step": {g: float(np.mean([sum(rr[i]["lookups_by_group"].get(g, 0) for rr in recs)
                                                            for i in timed])) for g in groups},
            "bags_per_step": float(np.mean([bags[i] for i in timed])),
-           "per_step_lookups_all": lookups, "per_step_s_all": step_s,
+           "per_step_lookups_all": lookups, "per_step_s_all": step_s, "per_step_timed": [recs[0][i]["timed"]
+                                                                                         for i in range(n)],
            "per_step_wall_all": [[min(rr[i]["wall"][0] for rr in recs), max(rr[i]["wall"][1] for rr in recs)]
                                  for i in range(n)],
            "first_loss": recs[0][0]["loss"], "losses": [recs[0][i]["loss"] for i in range(n)],
@@ -418,9 +419,16 @@ def repeat_ratios(runs: dict, isolated: list, tables: dict) -> dict:
     fused over nn.EmbeddingBag (table training in the step, tables alone per s_T, whole step)."""
     out: dict = {}
     if "fused_w1" in runs:
+        base = runs["fused_w1"]
         for name, r in runs.items():
             if name.startswith("fused_w") and name != "fused_w1_paired" and r["workers"] > 1:
-                out[f"samples_per_s_{r['workers']}_over_1"] = r["samples_per_s"] / runs["fused_w1"]["samples_per_s"]
+                out[f"samples_per_s_{r['workers']}_over_1"] = r["samples_per_s"] / base["samples_per_s"]
+                # the same global batch at the same step index on both sides (same sampler seed): per-step ratios
+                # cancel the batch-to-batch cost differences; the median drops the odd disturbed step
+                pairs = [a / b for a, b, t in zip(base["per_step_s_all"], r["per_step_s_all"], r["per_step_timed"])
+                         if t and b > 0]
+                if pairs:
+                    out[f"per_step_{r['workers']}_over_1_median"] = float(np.median(pairs))
     for name, r in runs.items():
         if "profile" in r and name.startswith("fused_w") and r["workers"] > 1:
             out[f"comm_share_w{r['workers']}"] = r["profile"]["shares_mean_over_ranks"]["comm"]

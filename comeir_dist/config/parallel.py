@@ -17,6 +17,10 @@ class ParallelConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
     sharding: Union[Literal["auto", "table_wise", "row_wise", "column_wise"], dict[str, ShardingType]] = Field(
         "auto", description="Engram table sharding: TorchRec planner ('auto'), one type for all tables, or {table: type}.")
+    pipeline_lookups: bool = Field(
+        True, description="Serve all Engram groups of a forward with one collective schedule (one stride all-reduce, "
+        "every group's input exchange in flight before any group computes). False = one group after another "
+        "(the round-2 path; same results, kept for A/B measurements).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage for the dense part.")
     deepspeed_config: Optional[str] = Field(None, description="configs/deepspeed/*.json; None = built from train/zero_stage.")
     device_memory_gib: Optional[float] = Field(None, gt=0, description="Memory per device for the plan check; None = detected.")

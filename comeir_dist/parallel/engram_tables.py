@@ -41,13 +41,14 @@ INIT_BLOCK_ROWS = 1 << 16
 
 def shard_engram_tables(tables: torch.nn.Module, cfg: EngramConfig, device: str | torch.device = "cpu",
                         plan="auto", pg=None, column_shards: int | None = None,
-                        grad_scale: float = 1.0, init_seed: int | None = None) -> torch.nn.Module:
+                        grad_scale: float = 1.0, init_seed: int | None = None,
+                        pipelined: bool = True) -> torch.nn.Module:
     """Shard every group collection of ``tables`` (built on the meta device) with DMP and attach the result.
 
     One forward still issues one lookup per group; the fused kernel updates looked-up rows in backward.
     The tables start as :func:`init_tables_deterministic` with ``init_seed`` (None = one draw from torch's
     global generator) and scale ``cfg.init_scale``: a caller that initialises them again with the same
-    seed gets the same values.
+    seed gets the same values. ``pipelined``: serve a forward's groups with one collective schedule (``parallel.pipeline_lookups``).
     """
     if init_seed is None:
         init_seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -68,7 +69,8 @@ def shard_engram_tables(tables: torch.nn.Module, cfg: EngramConfig, device: str 
         if grad_scale != 1.0:
             mod = GradScaledLookup(mod, grad_scale)
         sharded[name] = mod
-    tables.attach(sharded, call_groups=PipelinedGroupsLookup(sharded, dmp_of, _scaled_output, pg))
+    tables.attach(sharded, call_groups=PipelinedGroupsLookup(sharded, dmp_of, _scaled_output, pg) if pipelined
+                  else None)
     return tables
 
 

@@ -48,7 +48,8 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     if hasattr(model, "tables"):
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
-                            grad_scale=grad_scale, init_seed=init_seed)
+                            grad_scale=grad_scale, init_seed=init_seed,
+                            pipelined=cfg.parallel.pipeline_lookups)
     model.to(device)
     if model.trie is not None:  # SID models' catalog prefix tree (sasrec has none)
         model.trie = model.trie.to(device)

@@ -13,6 +13,8 @@ Gradient accumulation (table_wise shape, global batch 13 -> micro-batches of 7 a
   launch 1: acc_frozen_k1 / acc_frozen_k2 (tables frozen by sparse_lr 1e-12: dense accumulation must be exact),
             acc_k2 (k=2, training tables); launch 2: acc_k2_w2 (k=2 on 2 ranks), acc_k2_resume (acc_k2_w2 cut at K)
 
+Groups called one at a time (``parallel.pipeline_lookups: false``): launch 2 sequential_w2 (table_wise).
+
 Tolerances: losses rtol 1e-4 across world sizes (float summation order differs; measured <= 1e-6),
 exact-to-1e-6 on the same world size; tables atol 1e-5; dense weights and moments atol 1e-4 (except
 parameters with numerically zero gradients, see ``_assert_close_dense``).
@@ -55,7 +57,8 @@ def runs(tmp_path_factory):
                "train": {"bf16": True}},
               {"ds": ds, "out": str(root / "acc_k2_w2"), "sharding": tw, "train": k2},
               {"ds": ds, "out": str(root / "acc_k2_resume"), "sharding": tw, "train": k2,
-               "copy": {"src": str(root / "acc_k2_w2"), "step": K}}]
+               "copy": {"src": str(root / "acc_k2_w2"), "step": K}},
+              {"ds": ds, "out": str(root / "sequential_w2"), "sharding": tw, "parallel": {"pipeline_lookups": False}}]
     run_ranks(2, train_jobs, jobs2, (record_table_placement, (ds, str(root / "placement.json"))))
     jobs3 = [{"ds": ds, "out": str(root / "resume_2to1"), "sharding": tw, "copy": {"src": str(r[tw][2]), "step": K}},
              {"ds": ds, "out": str(root / "zero3_bf16_to_zero1"), "sharding": tw, "parallel": {"zero_stage": 1},
@@ -253,3 +256,17 @@ def test_gradient_accumulation_on_two_ranks_and_resumed(runs):
         torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=1e-4, msg=k)
     assert sorted(res) == list(range(1, 2 * K + 1))
     _assert_close_losses(two, res, range(K + 1, 2 * K + 1), rtol=1e-6)
+
+
+def test_pipelined_group_lookups_equal_one_group_at_a_time(runs):
+    """The one-schedule lookup of all groups (default) trains exactly the model of calling the DMP groups one
+    after another on 2 ranks: same losses and the same tables."""
+    root, _, r = runs
+    seq, pip = root / "sequential_w2", r["table_wise"][2]
+    ls, lp = _losses(seq), _losses(pip)
+    assert sorted(ls) == sorted(lp) == list(range(1, 2 * K + 1))
+    _assert_close_losses(lp, ls, lp, rtol=1e-6)
+    ts, _ = _full_checkpoint(seq / "checkpoints" / f"step-{2 * K}")
+    tp, _ = _full_checkpoint(pip / "checkpoints" / f"step-{2 * K}")
+    for k in tp:
+        torch.testing.assert_close(ts[k], tp[k], atol=1e-6, rtol=1e-6, msg=k)

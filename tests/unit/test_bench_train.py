@@ -254,6 +254,7 @@ def test_repeats_alternate_and_pair_ratios(tmp_path, monkeypatch):
     assert (st["median"], st["min"], st["max"]) == pytest.approx((1.8, 1.5, 2.0))
     assert st["spread"] == pytest.approx(0.5 / 1.8)
     assert rep["ratios"]["comm_share_w2"]["values"] == pytest.approx([0.1, 0.2, 0.3])
+    assert rep["ratios"]["per_step_2_over_1_median"]["values"] == pytest.approx([2.0, 1.5, 1.8])
     assert rep["scaling"]["2_over_1"]["samples_per_s_ratio"] == pytest.approx(2.0)  # the first repeat
     md = (tmp_path / "r.md").read_text()
     assert "Ratios over 3 repeat(s)" in md and "| samples_per_s_2_over_1 | **1.80x** | 1.50x | 2.00x | 28% |" in md
