@@ -100,8 +100,10 @@ from comeir_dist.parallel.sparse import (EngramShardedLookup, describe_plan, loa
                                          shard_engram_collection, sparse_state_dict)
 r = dist.get_rank()
 specs = [TableSpec(f"t{i}", "inter", 1, 1, i, 1009 + 4 * i, 8, 1000) for i in range(4)]
+keep = []  # every plan's DMP lives until the group is destroyed (a collected DMP once aborted a rank, rarely)
 for plan in ["auto", "table_wise", "row_wise", "column_wise"]:
     dmp = shard_engram_collection(build_engram_collection(specs, device="meta"), plan=plan, lr=0.1)
+    keep.append(dmp)
     full = sparse_state_dict(dmp, full=True)
     torch.manual_seed(123)  # same new tables on both ranks
     new = {k: torch.randn_like(v) for k, v in sorted(full.items())}
@@ -122,6 +124,7 @@ for plan in ["auto", "table_wise", "row_wise", "column_wise"]:
         changed = set(((after[k] - new[k]).abs().sum(1) > 0).nonzero().flatten().tolist())
         assert changed == allids[0] | allids[1], (plan, k)
     print("OK", r, plan, {k: v["sharding_type"] for k, v in describe_plan(dmp).items()}, flush=True)
+dist.barrier()
 dist.destroy_process_group()
 '''
 
