@@ -3,7 +3,7 @@ fused sharded Engram tables vs the same model with plain ``nn.EmbeddingBag`` tab
 
 What runs
     Every measurement runs in freshly spawned processes (``torch.multiprocessing`` "spawn", one per rank, one gloo
-    group on a free localhost TCP port; :func:`run_group`), each with ``torch.set_num_threads(threads)`` where
+    group on a free localhost TCP port; :func:`run_groups`), each with ``torch.set_num_threads(threads)`` where
     ``threads x workers <= cores``. A rank builds exactly the objects of ``train.loop._train``: seeded
     ``build_sharded_model`` (DMP, fused ``EXACT_ROWWISE_ADAGRAD``), ``init_tables_deterministic``, the per-rank
     seed, ``DenseEngine`` (DeepSpeed ZeRO, client AdamW) over ``dense_parameters``, ``EpochSampler`` over the
@@ -223,11 +223,6 @@ def validate(cfg: RunConfig, settings: BenchTrainSettings) -> int:
 
 
 # ---- process groups -------------------------------------------------------------------------------------------
-def run_group(world: int, job: dict, timeout: float) -> list[dict]:
-    """Spawn ``world`` ranks running ``train_worker.run_job(job)``; per-rank results in rank order."""
-    return run_groups({"g": (world, job)}, timeout)["g"]
-
-
 def run_groups(specs: dict, timeout: float, turns: Optional[tuple[list[str], int]] = None) -> dict:
     """Spawn every group ``label -> (world, job)`` at once (each its own gloo group on a free port) and return
     ``label -> per-rank results``. ``turns = (order, n_units)``: the groups take turns (``bench.turns``): no two

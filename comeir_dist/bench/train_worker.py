@@ -1,6 +1,6 @@
 """Worker side of `comeir bench train` (one spawned process per rank; see ``comeir_dist.bench.train`` for the method).
 
-Everything here runs inside a process started by :func:`comeir_dist.bench.train.run_group`: it joins a gloo
+Everything here runs inside a process started by :func:`comeir_dist.bench.train.run_groups`: it joins a gloo
 group, builds the REAL training objects of ``train.loop`` (``build_sharded_model`` + ``init_tables_deterministic``
 + ``DenseEngine``, batches from ``EpochSampler`` cut by ``rank_slice``) and times the loop's step; with
 ``paths=["fused", "nn"]`` it also builds the same model with plain ``EmbeddingBagCollection`` tables trained by

@@ -45,6 +45,7 @@ def evaluate_best_in_one_process(best: Path, keys=("item/ndcg@10", "item/hit@5",
     created = not dist.is_initialized()
     try:
         model, cfg, meta, _ = load_model_from_checkpoint(best, device="cpu")
+        assert not dist.is_initialized() or dist.get_world_size() == 1  # sasrec needs no group
         hist, target = validation_subset(parse_section(RunConfig, meta["config"]))
         m = evaluate_arrays(model, hist, target, beam_size=cfg.eval.beam_size, batch_size=cfg.eval.batch_size,
                             ks=cfg.eval.ks)["sums"].means()
