@@ -130,7 +130,7 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
     from comeir_dist.eval.run_eval import TOP_SUFFIX, USERS_TOP, check_save_top, search_width, top_info, write_top
     from comeir_dist.eval.metrics import MetricSums
     from comeir_dist.orchestration.ray_session import ray_session
-    from comeir_dist.train.samples import split_samples
+    from comeir_dist.train.archive_samples import run_split_samples
     from comeir_dist.utils.atomic import write_json
 
     if split not in ("valid", "test"):
@@ -147,7 +147,7 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
     check_save_top(out, save_top)
     ckpt = Path(checkpoint)
     cfg, meta = _read_config(ckpt, dataset)  # validates the checkpoint before any actor starts
-    users, hist, target = split_samples(cfg.dataset, split, cfg.max_history)
+    users, hist, target = run_split_samples(cfg, split)  # archives with model.pref_memory
     if max_users:
         users, hist, target = users[:max_users], hist[:max_users], target[:max_users]
     beam = search_width(cfg, beam_size, save_top)

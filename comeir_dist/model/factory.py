@@ -16,7 +16,7 @@ from comeir_dist.model.history import Catalog
 
 def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_emb: np.ndarray,
                 sparse_device: str = "cpu") -> torch.nn.Module:
-    if cfg.model.pref_memory.enabled:  # Rec2PM preference memory (tm only; others refused there)
+    if cfg.model.pref_memory.enabled:  # Rec2PM preference memory (tm, sasrec; others refused there)
         from comeir_dist.model.pref_memory import build_pref_memory_model
 
         return build_pref_memory_model(cfg, codes, codebooks, item_emb)

@@ -1,20 +1,21 @@
-"""Rec2PM recurrent preference memory on the tm baseline (issue 16; /work/shared/papers/rec2pm-method.md).
+"""Rec2PM recurrent preference memory on the tm and item-ID SASRec baselines (issue 16;
+/work/shared/papers/rec2pm-method.md).
 
 A user's archive (``model.pref_memory.archive_items`` most recent items) is cut into segments of
 ``segment_items`` items. The preference memory M_{k-1} (C = ``tokens`` vectors of width d) summarises every
-complete segment before the recent one; the backbone reads ``[M_{k-1}; recent segment]`` and generates the next
-item's SID exactly as tm does (Normal GR, KV-cached beam search). A memory update is one backbone pass over
+complete segment before the recent one; the backbone reads ``[M_{k-1}; recent segment]`` and predicts the next
+item as its host does: tm generates the SID (Normal GR, KV-cached beam search), SASRec scores every item. A memory update is one backbone pass over
 ``[M_{k-1}; S_k; Q_mem]``: the outputs at the C query positions are m_k; overwrite: M_k = m_k, append:
 M_k = [M_{k-1}; m_k].
 
-Training (self-referential teacher forcing, :meth:`PrefMemoryTM.training_loss`):
+Training (self-referential teacher forcing, :meth:`PreferenceMemory.training_loss`):
 
 1. global reference pass over ``[S_0; Q; S_1; Q; ...; S_{K-1}; Q]`` (the complete segments) with the block mask
    of :func:`global_block_mask`: the query block after segment h sees the raw items of segments 0..h and
    (causally) itself; its outputs are m_h^ref. One pass gives every reference.
 2. parallel local passes: every complete segment h gets ``[M^ref_{h-1}; S_h; Q]`` (one batch row per segment);
    its query outputs m_h^upd are pulled to m_h^ref by L_con. The recent segment gets ``[M^ref_{k-1}; S_k]`` and
-   the tm next-item SID loss (L_AR) of the sample's target. L = L_AR + lambda L_con.
+   the host's next-item loss (L_AR) of the sample's target. L = L_AR + lambda L_con.
 
 Decisions on the open points of rec2pm-method.md (each is tested in tests/unit/test_pref_memory.py):
 
@@ -34,10 +35,11 @@ Decisions on the open points of rec2pm-method.md (each is tested in tests/unit/t
 * Q_mem: one learnable C x d block shared by every segment (and by the global and local passes).
 * appending mode: the local pass of segment h reads [m_0^ref; ...; m_{h-1}^ref] (h*C tokens, left-padded with
   masked slots in the batch) and L_con pulls m_h^upd to m_h^ref, as in overwrite mode.
-* loss over items: L_AR is tm's catalog-constrained SID cross-entropy (full softmax per level, Eq. 12) on the
-  sample's target only: the loop already draws every prefix of every user as a sample, so every item is a target
-  once per epoch; earlier segments contribute L_con only. L_con = mean squared error over the C x d entries of
-  every complete segment with a predecessor (the paper's ||.||^2 divided by C*d so lambda does not depend on d).
+* loss over items: L_AR is tm's catalog-constrained SID cross-entropy (full softmax per level, Eq. 12) or SASRec's
+  cross-entropy over all items, on the sample's target only: the loop already draws every prefix of every user as a
+  sample, so every item is a target once per epoch; earlier segments contribute L_con only. L_con = mean squared
+  error over the C x d entries of every complete segment with a predecessor (the paper's ||.||^2 divided by C*d so
+  lambda does not depend on d).
 * segmentation: aligned from the user's FIRST interaction. The recent segment holds the last r =
   ((n - 1) mod segment_items) + 1 items (1..segment_items, never empty); the archive keeps r + a multiple of
   segment_items items (train/archive_samples.py trims it so), so a segment's content never changes once
@@ -55,10 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from comeir_dist.errors import UserError
-from comeir_dist.model.backbone import run_backbone
+from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.baselines import GenerativeBaseline
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.pref_memory_config import PrefMemoryConfig
+from comeir_dist.model.sasrec import SASRecModel
 
 
 @dataclass
@@ -108,23 +111,19 @@ def split_archive(items: torch.Tensor, seg: int) -> tuple[torch.Tensor, torch.Te
     return take(comp_cols).reshape(b, k, seg), recent
 
 
-class PrefMemoryTM(GenerativeBaseline):
-    """tm with a recurrent preference memory (Rec2PM); see the module docstring."""
+class PreferenceMemory:
+    """The Rec2PM machinery shared by every host model (tm: :class:`PrefMemoryTM`, item-ID SASRec:
+    :class:`PrefMemorySASRec`). The host is an ``nn.Module`` with ``backbone`` and provides ``item_vectors(items)``
+    (one input vector per history item, ``[..., d]``), ``_ar_forward(batch)`` (the next-item prediction of a
+    :class:`MemoryBatch`, run inside autocast) and ``_ar_loss(out, batch)`` (its loss, in fp32)."""
 
-    def __init__(self, catalog, codebooks: torch.Tensor, backbone: nn.Module, token_dim: int, pm: PrefMemoryConfig,
-                 window: int = 4, fusion: str = "concat"):
-        super().__init__("tm", catalog, codebooks, backbone, token_dim, decoding="normal", window=window,
-                         fusion=fusion)
-        d = self.merge.out_features
+    def _init_memory(self, pm: PrefMemoryConfig, d: int) -> None:
         self.pm = pm
         self.q_mem = nn.Parameter(torch.randn(pm.tokens, d) * 0.02)
         self.mem_in = nn.Linear(d, d)
         self.last_losses: dict = {}
 
     # ---- pieces -------------------------------------------------------------------------------------------
-    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        return self.merge(self.tokens(self.catalog.item_codes(items)).flatten(-2))
-
     def _queries(self, rows: int) -> torch.Tensor:
         return self.q_mem.unsqueeze(0).expand(rows, -1, -1)
 
@@ -206,20 +205,20 @@ class PrefMemoryTM(GenerativeBaseline):
         stacked = torch.stack(blocks, 1) if blocks else self.q_mem.new_zeros(b, 0, self.pm.tokens, d)
         return mem, mmask, recent, stacked
 
-    # ---- inputs of the prediction pass (used by level_logits and the decoder) ------------------------------
-    def _inputs(self, batch: HistoryBatch, with_items: bool = True):
+    # ---- inputs of the prediction pass ---------------------------------------------------------------------
+    def memory_inputs(self, batch: HistoryBatch):
+        """(backbone inputs ``[mem_in(M); recent items]``, their mask, the recent item vectors): M from the batch
+        (stored memories, :class:`MemoryBatch`) or compressed from its archive."""
         if getattr(batch, "memory", None) is not None:
             mem, mmask, recent = batch.memory, batch.memory_mask, batch.items
         else:
             mem, mmask, recent, _ = self.compress(batch.items)
         items = self.item_vectors(recent)
         x = torch.cat([self.mem_in(mem.to(items.dtype)), items], dim=1)
-        return x, torch.cat([mmask, recent >= 0], dim=1), items, None
+        return x, torch.cat([mmask, recent >= 0], dim=1), items
 
     # ---- training: self-referential teacher forcing ----------------------------------------------------------
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
-        from comeir_dist.model.loss import constrained_sid_loss
-
         pm = self.pm
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
             segments, recent = split_archive(batch.items, pm.segment_items)
@@ -228,8 +227,8 @@ class PrefMemoryTM(GenerativeBaseline):
             refs = self.global_pass(segments) if k else self.q_mem.new_zeros(b, 0, pm.tokens, self.q_mem.shape[1])
             ref_in = refs.detach() if pm.stop_grad_ref_inputs else refs
             mem, mmask = self.memory_before(ref_in, present, k)
-            codes = self.catalog.item_codes(batch.target)
-            logits = self.level_logits(MemoryBatch(recent, batch.target, mem, mmask), codes)
+            mb = MemoryBatch(recent, batch.target, mem, mmask)
+            out = self._ar_forward(mb)
             l_con = refs.new_zeros(())
             if k > 1 and pm.align_weight > 0:
                 upd = self.parallel_updates(ref_in, present, segments)
@@ -237,23 +236,77 @@ class PrefMemoryTM(GenerativeBaseline):
                 valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
                 err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
                 l_con = (err * valid).sum() / valid.sum().clamp(min=1)
-        l_ar = constrained_sid_loss(logits, codes, self.trie)
+        l_ar = self._ar_loss(out, mb)
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con
 
 
+class PrefMemoryTM(PreferenceMemory, GenerativeBaseline):
+    """tm with a recurrent preference memory (Rec2PM); see the module docstring."""
+
+    def __init__(self, catalog, codebooks: torch.Tensor, backbone: nn.Module, token_dim: int, pm: PrefMemoryConfig,
+                 window: int = 4, fusion: str = "concat"):
+        GenerativeBaseline.__init__(self, "tm", catalog, codebooks, backbone, token_dim, decoding="normal",
+                                    window=window, fusion=fusion)
+        self._init_memory(pm, self.merge.out_features)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.tokens(self.catalog.item_codes(items)).flatten(-2))
+
+    def _inputs(self, batch: HistoryBatch, with_items: bool = True):  # used by level_logits and the decoder
+        x, mask, items = self.memory_inputs(batch)
+        return x, mask, items, None
+
+    def _ar_forward(self, batch: MemoryBatch):
+        codes = self.catalog.item_codes(batch.target)
+        return self.level_logits(batch, codes), codes
+
+    def _ar_loss(self, out, batch: MemoryBatch) -> torch.Tensor:
+        from comeir_dist.model.loss import constrained_sid_loss
+
+        logits, codes = out
+        return constrained_sid_loss(logits, codes, self.trie)
+
+
+class PrefMemorySASRec(PreferenceMemory, SASRecModel):
+    """The item-ID SASRec baseline with a recurrent preference memory: the memory passes read the (input-dropout)
+    item embeddings, the prediction pass reads ``[mem_in(M); recent segment]`` and scores every item with the
+    tied item table (model/sasrec.py)."""
+
+    def __init__(self, num_items: int, backbone: nn.Module, pm: PrefMemoryConfig, dropout: float = 0.0):
+        SASRecModel.__init__(self, num_items, backbone, dropout=dropout)
+        self._init_memory(pm, backbone_width(backbone))
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.items(items))
+
+    def user_state(self, batch: HistoryBatch) -> torch.Tensor:
+        x, mask, _ = self.memory_inputs(batch)
+        h, _ = run_backbone(self.backbone, x, mask)
+        return h[:, -1]
+
+    def _ar_forward(self, batch: MemoryBatch):
+        return self.item_logits(batch)
+
+    def _ar_loss(self, out, batch: MemoryBatch) -> torch.Tensor:
+        return F.cross_entropy(out.float(), batch.target)
+
+
 def build_pref_memory_model(cfg, codes, codebooks, item_emb) -> nn.Module:
-    """``model.pref_memory.enabled``: tm + Rec2PM memory; other variants / decodings are refused in one line."""
+    """``model.pref_memory.enabled``: tm or sasrec + Rec2PM memory; other variants / decodings are refused in one
+    line."""
     from comeir_dist.decode.trie import PrefixTrie
     from comeir_dist.model.backbone import build_backbone
     from comeir_dist.model.history import Catalog
 
     m = cfg.model
-    if m.variant != "tm":
-        raise UserError(f"model.pref_memory.enabled applies to model.variant: tm (one input vector per item), not "
-                        f"{m.variant}; set model.pref_memory.enabled: false or model.variant: tm")
+    if m.variant not in ("tm", "sasrec"):
+        raise UserError(f"model.pref_memory.enabled applies to model.variant: tm or sasrec (one input vector per "
+                        f"item), not {m.variant}; set model.pref_memory.enabled: false or another model.variant")
     if m.decoding != "normal" or m.decor.compose:
         raise UserError("model.pref_memory.enabled needs model.decoding: normal and model.decor.compose: false")
+    if m.variant == "sasrec":
+        return PrefMemorySASRec(codes.shape[0], build_backbone(m.backbone), m.pref_memory, dropout=m.backbone.dropout)
     levels, size = codebooks.shape[0], codebooks.shape[1]
     if (levels, size) != (cfg.engram.levels, cfg.engram.codebook_size):
         raise UserError(f"SID table has L={levels}, C={size} but config engram.levels={cfg.engram.levels}, "

@@ -58,6 +58,23 @@ def test_ray_workers_equal_single_process(checkpoint, ray_local, tmp_path):
     assert set(json.loads((tmp_path / "single.json").read_text())) <= set(on_disk)
 
 
+def test_ray_workers_equal_single_process_with_preference_memory(ray_local, tmp_path):
+    """A Rec2PM run: the workers get each user's archive (not the last max_history items) and compress it."""
+    from comeir_dist.model.pref_memory_config import PrefMemoryConfig
+    from comeir_dist.train.loop import train
+
+    ds = make_tiny_dataset(tmp_path, n_users=12, n_items=40, seq_len=26)
+    cfg = tiny_run_config(ds, tmp_path / "run", variant="tm", max_steps=4, eval_every=4, batch_size=16,
+                          eval_users=8)
+    cfg.model.pref_memory = PrefMemoryConfig(enabled=True, tokens=2, segment_items=4, archive_items=20)
+    best = train(cfg) / "best"
+    single = run_evaluate(str(best), "test", str(tmp_path / "single.json"), batch_size=4, beam_size=5)
+    sharded = evaluate_with_ray(str(best), "test", str(tmp_path / "ray.json"), num_workers=2, batch_size=4,
+                                beam_size=5)
+    assert sharded["metrics"] == single["metrics"] and sharded["metrics"]["users"] == 12
+    assert _per_user(tmp_path / "single.json") == _per_user(tmp_path / "ray.json")
+
+
 def test_ray_eval_bad_inputs(checkpoint, ray_local, tmp_path):
     with pytest.raises(UserError, match="split"):
         evaluate_with_ray(str(checkpoint), "train")

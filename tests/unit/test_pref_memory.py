@@ -10,7 +10,7 @@ from comeir_dist.decode.trie import PrefixTrie
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import build_backbone
 from comeir_dist.model.history import Catalog, HistoryBatch
-from comeir_dist.model.pref_memory import PrefMemoryTM, global_block_mask, split_archive
+from comeir_dist.model.pref_memory import PrefMemorySASRec, PrefMemoryTM, global_block_mask, split_archive
 from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 from comeir_dist.train.archive_samples import ArchiveHistory, align_archive
 from tests.fixtures import TINY_BACKBONE, make_tiny_dataset, tiny_run_config
@@ -18,13 +18,19 @@ from tests.fixtures import TINY_BACKBONE, make_tiny_dataset, tiny_run_config
 N_ITEMS, LEVELS, CB = 30, 3, 8
 
 
-def tiny_model(mode="overwrite", tokens=3, seg=4, seed=0, **pm) -> PrefMemoryTM:
+HOSTS = ["tm", "sasrec"]
+
+
+def tiny_model(mode="overwrite", tokens=3, seg=4, seed=0, host="tm", **pm):
+    """A tiny PrefMemoryTM (``host="tm"``) or PrefMemorySASRec (``"sasrec"``)."""
     torch.manual_seed(seed)
+    cfg = PrefMemoryConfig(enabled=True, tokens=tokens, segment_items=seg, mode=mode, archive_items=40, **pm)
+    if host == "sasrec":
+        return PrefMemorySASRec(N_ITEMS, build_backbone(BackboneConfig(**TINY_BACKBONE)), cfg)
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(CB)] * LEVELS, indexing="ij"), -1).reshape(-1, LEVELS)
     codes = torch.as_tensor(grid[rng.choice(len(grid), N_ITEMS, replace=False)])
     cat = Catalog(codes, torch.randn(N_ITEMS, 8))
-    cfg = PrefMemoryConfig(enabled=True, tokens=tokens, segment_items=seg, mode=mode, archive_items=40, **pm)
     m = PrefMemoryTM(cat, torch.randn(LEVELS, CB, 8), build_backbone(BackboneConfig(**TINY_BACKBONE)), 8, cfg)
     m.trie = PrefixTrie.from_codes(codes, CB)
     return m
@@ -75,10 +81,11 @@ def test_global_block_mask():
     assert not mask[q(2, 0), q(1, 0)] and not mask[q(1, 0), item(2, 0)]
 
 
+@pytest.mark.parametrize("host", HOSTS)
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
-def test_parallel_pass_equals_sequential_recurrence(mode):
+def test_parallel_pass_equals_sequential_recurrence(mode, host):
     """Fed the model's own sequential memories as references, the parallel local pass reproduces them."""
-    m = tiny_model(mode).eval()
+    m = tiny_model(mode, host=host).eval()
     items = archives([3, 8, 17, 25])
     with torch.no_grad():
         _, _, _, blocks = m.compress(items)
@@ -120,14 +127,15 @@ def _loss_with_leaf_refs(m, items, target):
     return holder["refs"].grad, m.last_losses
 
 
-def test_stop_grad_on_references():
+@pytest.mark.parametrize("host", HOSTS)
+def test_stop_grad_on_references(host):
     items, target = archives([25, 21, 17]), torch.tensor([1, 2, 3])
-    full = tiny_model(stop_grad_refs=True, stop_grad_ref_inputs=True)
+    full = tiny_model(stop_grad_refs=True, stop_grad_ref_inputs=True, host=host)
     grad, losses = _loss_with_leaf_refs(full, items, target)
     assert grad is None and losses["con"] > 0  # nothing flows into the reference pass
     assert full.q_mem.grad is not None and full.q_mem.grad.abs().sum() > 0  # the update still trains
-    g_stop, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=True), items, target)
-    g_free, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=False), items, target)
+    g_stop, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=True, host=host), items, target)
+    g_free, _ = _loss_with_leaf_refs(tiny_model(stop_grad_refs=False, host=host), items, target)
     assert g_stop is not None and g_free is not None  # memory inputs carry L_AR's gradient ...
     assert not torch.allclose(g_stop, g_free)  # ... and only the un-stopped target adds L_con's pull
 
@@ -142,6 +150,29 @@ def test_lcon_computed_and_weighted(mode):
     m0 = tiny_model(mode, align_weight=0.0)
     m0.training_loss(HistoryBatch(items, target))
     assert m0.last_losses["con"] == 0.0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_without_complete_segments_equals_the_base_model(host):
+    """A history no longer than one segment has no memory: the model is its host (same weights, same scores)."""
+    from comeir_dist.model.baselines import GenerativeBaseline
+    from comeir_dist.model.sasrec import SASRecModel
+
+    m = tiny_model(host=host, seg=4).eval()
+    items = archives([1, 3, 4])
+    batch = HistoryBatch(items, torch.tensor([1, 2, 3]))
+    if host == "sasrec":
+        base = SASRecModel(N_ITEMS, m.backbone)
+        base.load_state_dict({k: v for k, v in m.state_dict().items() if k in base.state_dict()})
+        with torch.no_grad():
+            assert torch.allclose(m.item_logits(batch), base.eval().item_logits(batch), atol=1e-5)
+        return
+    base = GenerativeBaseline("tm", m.catalog, m.tokens.codebook.reshape(LEVELS, CB, 8), m.backbone, 8)
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if k in base.state_dict()})
+    codes = m.catalog.item_codes(batch.target)
+    with torch.no_grad():
+        for a, b in zip(m.level_logits(batch, codes), base.eval().level_logits(batch, codes)):
+            assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_other_variants_refused(tmp_path):
@@ -161,8 +192,9 @@ def test_archive_history_matches_prefixes():
     assert row.tolist() == [-1, -1, 3, 4, 5, 6, 7, 8]
 
 
-def test_overfit_tiny_long_histories():
-    m = tiny_model("overwrite", tokens=2, seg=4)
+@pytest.mark.parametrize("host", HOSTS)
+def test_overfit_tiny_long_histories(host):
+    m = tiny_model("overwrite", tokens=2, seg=4, host=host)
     rng = np.random.default_rng(0)
     n = 16  # users walk a cycle; the target depends on the last item
     lengths = rng.integers(9, 30, n)
@@ -185,7 +217,8 @@ def test_overfit_tiny_long_histories():
     assert float(loss) < 0.2 * first
 
 
-def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path):
+@pytest.mark.parametrize("host", HOSTS)
+def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path, host):
     """Short training run through the loop (archives from the dataset), `comeir memory build`, then evaluation
     from the stored memories equals evaluation that recomputes them from the archives."""
     from comeir_dist.eval.evaluate import evaluate_arrays
@@ -195,7 +228,7 @@ def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path):
     from comeir_dist.train.loop import train
 
     ds = make_tiny_dataset(tmp_path, n_users=12, n_items=40, seq_len=26)
-    cfg = tiny_run_config(ds, tmp_path / "run", variant="tm", max_steps=4, eval_every=4, batch_size=16,
+    cfg = tiny_run_config(ds, tmp_path / "run", variant=host, max_steps=4, eval_every=4, batch_size=16,
                           eval_users=8)
     cfg.model.pref_memory = PrefMemoryConfig(enabled=True, tokens=2, segment_items=4, archive_items=20)
     run = train(cfg)
