@@ -103,6 +103,7 @@ def load_plan_configs(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace):
+    from comeir_dist.parallel.activation_plan import global_pass_activations
     from comeir_dist.parallel.memory_plan import DenseCount, count_dense_params, plan_memory
 
     cfg, pcfg = load_plan_configs(args)
@@ -115,7 +116,9 @@ def run_plan(args: argparse.Namespace):
     else:
         dense = count_dense_params(cfg, item_emb_dim=args.item_emb_dim, num_items=args.num_items)
     engram = cfg.engram if cfg.model.variant == "comeir" else None
-    return plan_memory(engram, dense, pcfg, device=device, dense_dtype=dense_dtype, balance=args.balance)
+    acts = global_pass_activations(cfg, int(getattr(pcfg, "world_size", 1)))
+    return plan_memory(engram, dense, pcfg, device=device, dense_dtype=dense_dtype, balance=args.balance,
+                       activations=acts)
 
 
 def add_plan_command(sub: "argparse._SubParsersAction") -> None:

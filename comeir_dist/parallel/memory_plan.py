@@ -22,7 +22,9 @@ Memory model, per rank (all numbers are bytes; "GiB" = 2**30):
   (item catalog: ``items * (emb_dim*4 + L*8)``, codebooks) count on every rank.
 * **Reserve**: fixed per rank (``parallel.reserve_gib``, default 2 GiB): CUDA context, NCCL/gloo buffers,
   TorchRec all-to-all buffers, activations of moderate batches, the interpreter and its libraries.
-  Activations grow with batch size and sequence length: raise it for large batches.
+  Activations grow with batch size and sequence length: raise it for large batches. The one term that grows
+  with the square of a history, the Rec2PM global pass (``model.pref_memory``), is estimated and added to the
+  reserve (``activation_bytes``; :mod:`comeir_dist.parallel.activation_plan`).
 * A rank fits when its total <= ``device_memory * headroom`` (``parallel.headroom``: the fraction of a
   device the plan may use, default 0.9).
 
@@ -242,6 +244,8 @@ class MemoryPlan:
     dense: DenseShare
     problems: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    activation_bytes: int = 0  # estimated activations included in the reserve (Rec2PM global pass)
+    activation_note: str = ""
 
     @property
     def fits(self) -> bool:
@@ -288,6 +292,7 @@ class MemoryPlan:
                 "table_dtype": self.table_dtype, "sharding": self.sharding, "balance": self.balance,
                 "device_memory_bytes": self.device_memory_bytes, "headroom": self.headroom,
                 "usable_bytes": self.usable_bytes, "reserve_bytes": self.reserve_bytes,
+                "activation_bytes": self.activation_bytes, "activation_note": self.activation_note,
                 "dense": {**asdict(self.dense), "total_bytes_per_rank": self.dense.total},
                 "totals": self.totals, "ranks": [asdict(r) for r in self.ranks],
                 "tables": [asdict(t) for t in self.tables], "problems": self.problems,
@@ -536,7 +541,8 @@ def read_deepspeed_config(path: str, default_stage: int = 0) -> dict[str, Any]:
 def plan_memory(engram_cfg: Union[EngramConfig, Sequence[TableSpec], None], dense_params: Union[int, DenseCount],
                 pcfg=None, *,
                 device: Optional[str] = None, dense_dtype: str = "fp32", table_dtype: Optional[str] = None,
-                balance: str = "group", auto_split_fraction: float = 1.0, suggest: bool = True) -> MemoryPlan:
+                balance: str = "group", auto_split_fraction: float = 1.0, suggest: bool = True,
+                activations=None) -> MemoryPlan:
     """Per-rank memory plan. ``engram_cfg``: the Engram config (tables from ``table_specs``), an explicit
     list of :class:`TableSpec`, or None for a model without Engram tables (flatten / tm).
 
@@ -544,7 +550,8 @@ def plan_memory(engram_cfg: Union[EngramConfig, Sequence[TableSpec], None], dens
     world_size, sharding, column_shards, zero_stage, deepspeed_config (its stage and offload win),
     device_memory_gib (None = detected), reserve_gib, headroom, and ``device`` if present (else the ``device``
     argument, else the machine's). ``table_dtype`` defaults to ``engram_cfg.table_dtype``; ``dense_dtype`` is
-    the engine's precision: "bf16" when ``train.bf16``, else "fp32".
+    the engine's precision: "bf16" when ``train.bf16``, else "fp32". ``activations``: an
+    :class:`~comeir_dist.parallel.activation_plan.GlobalPassActivations` (or None) added to every rank's reserve.
     """
     if pcfg is None:
         from comeir_dist.config.parallel import ParallelConfig
@@ -575,14 +582,20 @@ def plan_memory(engram_cfg: Union[EngramConfig, Sequence[TableSpec], None], dens
     if g("deepspeed_config", None):
         ds.update(read_deepspeed_config(g("deepspeed_config", None), ds["zero_stage"]))
     cshards = g("column_shards", None)
+    act = activations.total if activations is not None else 0
     st = _Settings(world, dev, tdt, dense_dtype, ds["zero_stage"], g("sharding", "auto"), int(mem_gib * GIB),
-                   headroom, int(reserve * GIB), balance, float(auto_split_fraction),
+                   headroom, int(reserve * GIB) + act, balance, float(auto_split_fraction),
                    ds["offload_optimizer"], ds["offload_params"], int(cshards) if cshards else None)
     specs = table_specs(engram_cfg) if isinstance(engram_cfg, EngramConfig) else list(engram_cfg or [])
     dense = dense_params if isinstance(dense_params, DenseCount) else DenseCount(int(dense_params))
     plan = _plan(specs, dense, st)
+    if activations is not None:
+        plan.activation_bytes, plan.activation_note = act, activations.describe() + " (in the reserve)"
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(specs, dense, st, plan)
+        if act > st.reserve - act:  # the archive-quadratic term dominates the reserve: say how to shrink it
+            plan.suggestions.insert(0, f"more train.grad_accum_steps or a shorter model.pref_memory.archive_items "
+                                       f"(the Rec2PM global pass needs {_gib(act)}/rank, quadratic in the archive)")
     return plan
 
 
@@ -614,6 +627,7 @@ def format_plan(plan: MemoryPlan, show_tables: bool = False, max_ranks: int = 32
         + (f", offload {d.offload}" if d.offload else "")
         + f": per rank weights {_gib(d.param_bytes)} + grads {_gib(d.grad_bytes)} + AdamW {_gib(d.optimizer_bytes)}"
         + (f" + buffers {_gib(d.buffer_bytes)}" if d.buffer_bytes else ""),
+        *([plan.activation_note] if plan.activation_note else []),
         "",
         f"{'rank':>5} {'shards':>6} {'engram w':>11} {'adagrad':>10} {'dense':>10} {'reserve':>10} {'total':>11}  fits",
     ]

@@ -237,3 +237,31 @@ def test_empty_config_file_and_missing_path_alone(tmp_path):
     rc, _, err = _plan_with_backbone(tmp_path, {"path": str(tmp_path / "Qwen3-0.6B")})
     assert rc == 2 and err.count("\n") == 1
     assert f"model.backbone.path: {tmp_path / 'Qwen3-0.6B'} is not a local directory" in err
+
+
+def test_plan_counts_the_rec2pm_global_pass(tmp_path):
+    """model.pref_memory: the archive-quadratic global-pass activations join the reserve; a long archive that does
+    not fit says so and names the knobs that shrink it."""
+    from comeir_dist.config.run import RunConfig
+    from comeir_dist.parallel.activation_plan import global_pass_activations
+
+    pm = {"enabled": True, "tokens": 4, "segment_items": 20, "archive_items": 1000}
+    model = {"variant": "tm", "backbone": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                           "intermediate_size": 128}, "pref_memory": pm}
+    data = {"model": model, "train": {"batch_size": 256}}
+    acts = global_pass_activations(RunConfig(**data), world=2)
+    t = 49 * 24  # (1000 - 1) // 20 complete segments of 20 items + 4 queries
+    assert (acts.positions, acts.micro_batch, acts.layers, acts.heads) == (t, 128, 2, 4)
+    assert acts.total == 128 * t * t + 2 * 2 * 128 * 4 * t * t * 4
+    assert global_pass_activations(RunConfig(**{**data, "model": {**model, "pref_memory": {}}}), 1) is None
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps(data))
+    rc, out, _ = run_cli(["--config", str(cfg), "--device", "cpu", "--device-memory", "64", "--world-size", "2",
+                          "--json"])
+    plan = json.loads(out)
+    assert rc == 0 and plan["activation_bytes"] == acts.total and "Rec2PM global pass" in plan["activation_note"]
+    assert plan["reserve_bytes"] == 2 * 2**30 + acts.total
+    rc, out, _ = run_cli(["--config", str(cfg), "--device", "cpu", "--device-memory", "8", "--world-size", "2"])
+    assert rc == 1 and "Rec2PM global pass" in out
+    assert "Try: more train.grad_accum_steps or a shorter model.pref_memory.archive_items" in out.splitlines()[-1]

@@ -1,0 +1,69 @@
+"""Activations the memory plan cannot cover with its fixed reserve: the Rec2PM global reference pass.
+
+With ``model.pref_memory.enabled`` the training step runs one backbone pass over every complete segment of each
+archive, ``T = K (segment_items + tokens)`` positions with ``K = (archive_items - 1) // segment_items`` (the
+recent segment holds 1..segment_items items, model/pref_memory.py), under a ``[B, T, T]`` block mask. It grows
+with the SQUARE of the archive, unlike the fixed ``parallel.reserve_gib``. Estimate per rank (B = one
+micro-batch, ``ceil(batch_size / grad_accum_steps / world)`` as the loop uses):
+
+* the mask: ``B T^2`` bytes (bool; the SDPA backbone takes it as is);
+* per layer, the attention scores and probabilities autograd keeps for backward: ``2 B H T^2 e`` bytes
+  (H heads, e = 2 under bf16, else 4). Fused (flash / memory-efficient) kernels keep less; the plan assumes
+  the math path, which is what CPU runs and what a custom block mask often falls back to.
+
+Pure arithmetic (no model is built); the backbone's layers / heads come from ``model.backbone`` or the config
+file / local checkpoint it names, as ``count_dense_params`` reads them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GlobalPassActivations:
+    positions: int  # T
+    micro_batch: int  # B per rank
+    layers: int
+    heads: int
+    mask_bytes: int
+    attention_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.mask_bytes + self.attention_bytes
+
+    def describe(self) -> str:
+        return (f"Rec2PM global pass: T={self.positions} positions x micro-batch {self.micro_batch}, "
+                f"{self.layers} layers x {self.heads} heads: mask {self.mask_bytes / 2**30:.2f} GiB + attention "
+                f"{self.attention_bytes / 2**30:.2f} GiB per rank")
+
+
+def _layers_heads(bb) -> tuple[int, int]:
+    """(layers, attention heads) of ``model.backbone``: its sizes, or the HF config it names."""
+    conf = None
+    if bb.path and Path(bb.path).is_dir():
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(bb.path, local_files_only=True)
+    elif bb.config_file:
+        from comeir_dist.model.backbone import load_config_file
+
+        conf = load_config_file(bb.config_file)
+    if conf is not None:
+        return int(conf.num_hidden_layers), int(conf.num_attention_heads)
+    return int(bb.num_layers), int(bb.num_heads)
+
+
+def global_pass_activations(cfg, world: int) -> GlobalPassActivations | None:
+    """The estimate above for run config ``cfg`` on ``world`` ranks; None without ``model.pref_memory``."""
+    pm = cfg.model.pref_memory
+    if not pm.enabled:
+        return None
+    k = max(0, (pm.archive_items - 1) // pm.segment_items)
+    t = k * (pm.segment_items + pm.tokens)
+    b = math.ceil(cfg.train.batch_size / cfg.train.grad_accum_steps / max(1, world))
+    layers, heads = _layers_heads(cfg.model.backbone)
+    elt = 2 if cfg.train.bf16 else 4
+    return GlobalPassActivations(t, b, layers, heads, b * t * t, 2 * layers * b * heads * t * t * elt)
