@@ -35,6 +35,10 @@ class EngramConfig(Section):
         "(the rule of every run before this option). The encoder, the head's training keys and the decode-time "
         "candidate keys use the same rule. Saved with checkpoints; a checkpoint without it was 'drop', and "
         "resuming it with the other rule is refused.")
+    min_key_users: int = Field(1, ge=1, description="Extension (not in the paper): a key addresses its row only when "
+                               "at least this many distinct users' training sequences produce it; other keys read "
+                               "the zero vector and train nothing (model/key_support.py). 1 = every key (the paper). "
+                               "Rows of one user's keys replay that user's labels after an epoch.")
     table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
     sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "

@@ -124,6 +124,8 @@ class EngramIndex:
         self.by_name = {s.name: s for s in self.specs}
         self.hashers: dict[str, TableHasher] = build_hashers(self.specs, hash_seed)
         self.features = [s.name for s in self.specs]
+        # table name -> bool [rows]: rows a key may address (model/key_support.py, engram.min_key_users); None = all
+        self.row_filter: dict[str, torch.Tensor] | None = None
         self._heads: dict[tuple[str, int, int], list[TableSpec]] = {}
         for s in self.specs:
             self._heads.setdefault((s.memory, s.level, s.order), []).append(s)
@@ -196,9 +198,11 @@ class EngramKeyBatch:
         valid = valid.bool().expand(shape)
         self._built = None
         names, starts = [], []
+        rf = self.index.row_filter
         for s in heads:
             ids = self.index.hashers[s.name](keys)
-            starts.append(self._push(s.name, ids, valid))
+            live = valid if rf is None else valid & _on(rf, s.name, ids.device)[ids]  # filtered: an empty bag
+            starts.append(self._push(s.name, ids, live))
             names.append(s.name)
         self._requests.append(_Request(names, starts, shape))
         return len(self._requests) - 1
@@ -233,6 +237,14 @@ class EngramKeyBatch:
         """``unpack(module(kjt()))``: one call of the collection -- an unsharded EBC, or under DMP the
         ``parallel.sparse.EngramShardedLookup`` wrapper (which equalises the stride across ranks)."""
         return self.unpack(module(self.kjt()))
+
+
+def _on(row_filter: dict[str, torch.Tensor], name: str, device: torch.device) -> torch.Tensor:
+    """``row_filter[name]`` on ``device`` (moved once, then kept there)."""
+    f = row_filter[name]
+    if f.device != device:
+        f = row_filter[name] = f.to(device)
+    return f
 
 
 def table_names(specs: Iterable[TableSpec]) -> list[str]:

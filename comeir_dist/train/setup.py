@@ -1,6 +1,7 @@
 """Build a ready-to-train (or evaluate) model from a RunConfig: data, SIDs, sharded tables, device."""
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 
 from comeir_dist.config.run import RunConfig
 from comeir_dist.data.dataset import check_dataset_dir
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +49,8 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
     from comeir_dist.parallel.engram_tables import shard_engram_tables
 
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
+    if hasattr(model, "tables") and cfg.engram.min_key_users > 1:
+        install_training_key_filter(model, cfg)
     if hasattr(model, "tables"):
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
                             grad_scale=grad_scale, init_seed=init_seed,
@@ -54,6 +59,20 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
     if model.trie is not None:  # SID models' catalog prefix tree (sasrec has none)
         model.trie = model.trie.to(device)
     return model
+
+
+def install_training_key_filter(model, cfg: RunConfig) -> None:
+    """``engram.min_key_users``: live Engram rows from the users' training sequences (model/key_support.py)."""
+    import time
+
+    from comeir_dist.data.dataset import read_split
+    from comeir_dist.model.key_support import install_key_filter
+
+    t0 = time.time()
+    seqs = [np.asarray(s, dtype=np.int64) for s in read_split(cfg.dataset, "train").column("items").to_pylist()]
+    live = install_key_filter(model, seqs, cfg.engram.min_key_users)
+    log.info("engram.min_key_users=%d: live share of the addressed rows per group %s (%.1f s)",
+             cfg.engram.min_key_users, {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
 
 
 def dense_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,0 +1,77 @@
+"""``engram.min_key_users``: Engram rows that fewer than N training users address are never read nor trained.
+
+Why (issue 11, README "What holds ComeIR back"): after one epoch ComeIR's memories replay training labels. On the
+bundled data 87% of the consecutive item pairs of the training sequences occur in ONE user's sequence only; the
+row of such a key is written by that user's samples alone and read back by them, so from epoch 2 it carries the
+sample's own label (the training loss falls off a cliff at the epoch boundary while validation falls). A key
+that several users produce holds what they share -- a co-occurrence a different user's validation transition can
+use. This filter keeps only those rows: a key's row is live when at least ``min_key_users`` distinct users'
+training sequences produce that key; every other key reads an EMPTY bag (the zero vector, exactly like a padded
+key: no row is read, none is trained). ``min_key_users: 1`` (the default) installs nothing: the paper's memory.
+
+Support counting: every user's full TRAINING sequence (``train.parquet``, never validation or test items) goes
+through the encoder's own key construction (``ComeIREncoder.request``, so units, orders, hashing and the
+``short_keys`` rule are those of training), and a row's support is the number of distinct users whose keys hash
+to it, per head table. The keys of a sequence are its n-grams of consecutive items, which include every
+transition (context, next item) the memory-restoring head reads for a target; the head's other candidates'
+rows are live iff some users' sequences contain that transition. (With ``short_keys: shorten`` the shortened keys
+are counted at the start of each training sequence only, not at the start of every max_history window.)
+Deterministic (data + config + hash seed): training and every later load compute the same filter, so nothing is
+stored in checkpoints; each rank computes it itself (identical on every rank, no communication).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from comeir_dist.model.comeir_encoder import history_units
+
+
+def row_support(model, sequences: list[np.ndarray], batch_users: int = 256, cap: int = 127) -> dict[str, torch.Tensor]:
+    """Distinct users per row (capped at ``cap``), ``{table name: int16 [rows]}``, of every Engram table the
+    encoder addresses when it reads ``sequences`` (one item-index array per user)."""
+    lookup = model.lookup
+    support = {s.name: torch.zeros(s.rows, dtype=torch.int16)
+               for idx in lookup.index.values() for s in idx.specs}
+    for start in range(0, len(sequences), batch_users):
+        chunk = [np.asarray(s, dtype=np.int64) for s in sequences[start:start + batch_users]]
+        width = max([1, *(len(s) for s in chunk)])
+        items = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for i, s in enumerate(chunk):
+            if len(s):
+                items[i, width - len(s):] = torch.as_tensor(s)
+        codes = model.catalog.item_codes(items)
+        mask = items >= 0
+        units = history_units(codes, model.levels, model.codebook_size, model.d_max)
+        lp = lookup.new_pass()
+        model.encoder.request(lp, codes, mask, units)
+        for batch in lp.batches.values():
+            ids = {n: torch.cat(v) for n, v in batch._ids.items()}
+            valid = {n: torch.cat(v) for n, v in batch._valid.items()}
+            for req in batch._requests:
+                n = int(np.prod(req.shape))
+                per_user = n // req.shape[0]
+                owner = torch.arange(n) // per_user  # requests are [users, positions, ...]
+                for name, st in zip(req.names, req.starts):
+                    ok = valid[name][st:st + n].cpu()
+                    rows = ids[name][st:st + n].cpu()[ok]
+                    pairs = torch.unique(rows * len(chunk) + owner[ok])  # distinct (row, user) of this chunk
+                    r, c = torch.unique(pairs // len(chunk), return_counts=True)
+                    support[name][r] = (support[name][r].int() + c).clamp(max=cap).to(torch.int16)
+    return support
+
+
+def install_key_filter(model, sequences: list[np.ndarray], min_users: int) -> dict[str, float]:
+    """Compute the support of ``model``'s Engram rows from ``sequences`` and make every key whose row has fewer
+    than ``min_users`` users an empty bag (``EngramIndex.row_filter``). Returns the live fraction of the rows
+    each group's requests touched (for the log)."""
+    if min_users <= 1:
+        return {}
+    support = row_support(model, sequences, cap=min(127, min_users))
+    live = {}
+    for g, idx in model.lookup.index.items():
+        idx.row_filter = {s.name: support[s.name] >= min_users for s in idx.specs}
+        touched = sum(int((support[s.name] > 0).sum()) for s in idx.specs)
+        kept = sum(int(idx.row_filter[s.name].sum()) for s in idx.specs)
+        live[g] = kept / max(1, touched)
+    return live
