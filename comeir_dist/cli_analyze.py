@@ -8,6 +8,10 @@ Exit status 0, or 2 with one line on a bad flag, a missing dataset / SIDs, or a 
 ``comeir analyze ensemble --gr RUN_OR_TOPN --id RUN_OR_TOPN [--top 50] --out DIR``: fixed-weight and adaptive
 (``alpha = sigmoid(k (MSP - tau))``) fusion of a SID model with SASRec from their ``comeir evaluate --save-top``
 files, parameters chosen on validation, reported on test; see :mod:`comeir_dist.analysis.ensemble`.
+
+``comeir analyze keys --config FILE [--dataset DIR] [--set KEY=VALUE ...] [--out FILE.json]``: occupancy and
+private-row share of every Engram table on the dataset's training sequences; see
+:mod:`comeir_dist.analysis.key_tables`.
 """
 from __future__ import annotations
 
@@ -81,6 +85,25 @@ def run_ensemble_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_keys_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML of a comeir run (its engram section)")
+    p.add_argument("--dataset", help="prepared dataset dir (default: the config's)")
+    p.add_argument("--sid-method", dest="sid_method")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set engram.s_t=2; repeatable")
+    p.add_argument("--out", help="also write FILE.json and FILE.md")
+
+
+def run_keys_cli(args: argparse.Namespace) -> int:
+    from comeir_dist.analysis.key_tables import format_key_report, run_key_report
+    from comeir_dist.cli_model import load_run_config, parse_sets
+
+    cfg = load_run_config(args, parse_sets(args.sets))
+    rep = run_key_report(cfg, args.out)
+    print(format_key_report(rep))
+    return 0
+
+
 def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     from comeir_dist.cli import command
 
@@ -93,6 +116,9 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("ensemble", help="fuse a SID model with SASRec per instance (fixed weight and adaptive "
                         "sigmoid(k (MSP - tau))), chosen on validation NDCG@10, reported on test")
     add_ensemble_flags(q)
+    q = asub.add_parser("keys", help="how the training sequences fill the Engram tables: occupancy and the share "
+                        "of rows only one user addresses, per (memory, level, order)")
+    add_keys_flags(q)
 
     @command("analyze")
     def _analyze(args) -> int:
@@ -100,4 +126,6 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
             return run_memgen_cli(args)
         if args.analyze_cmd == "ensemble":
             return run_ensemble_cli(args)
+        if args.analyze_cmd == "keys":
+            return run_keys_cli(args)
         raise AssertionError(args.analyze_cmd)

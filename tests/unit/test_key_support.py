@@ -87,3 +87,35 @@ def test_trained_run_evaluates_the_same_after_reload(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     rep = run_evaluate(str(run / "best"), "valid", str(tmp_path / "valid.json"))
     assert rep["metrics"]["item/ndcg@10"] == pytest.approx(summary["best_valid_ndcg@10"], abs=1e-9)
+
+
+def test_analyze_keys_cli(tiny, tmp_path):
+    """`comeir analyze keys`: per-group occupancy / private share from the same support counts; JSON + markdown."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from comeir_dist import cli
+
+    cfg = tiny[0]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "keys.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["analyze", "keys", "--config", str(path), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert "| memory | level | order |" in buf.getvalue() and out.with_suffix(".md").is_file()
+    support = row_support(_model(tiny), tiny[3])
+    for t in rep["tables"]:
+        v = support[t["table"]]
+        assert (t["addressed"], t["private"]) == (int((v > 0).sum()), int((v == 1).sum()))
+    assert sum(g["heads"] for g in rep["groups"]) == len(rep["tables"])
+    assert all(0 <= g["occupancy"] <= 1 and 0 <= g["private_share"] <= 1 for g in rep["groups"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(["analyze", "keys", "--config", str(path), "--set", "model.variant=tm"]) != 0
+        assert cli.main(["analyze", "keys", "--config", str(path), "--out", str(tmp_path)]) != 0
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 2 and "comeir only" in lines[0] and "is a directory" in lines[1]

@@ -1,0 +1,80 @@
+"""`comeir analyze keys`: how a dataset fills ComeIR's Engram tables, to size them before training.
+
+For every table (memory, level, n-gram order, hash head) of the configured Engram layout: its rows, how many rows
+the users' TRAINING sequences address (occupancy), and how many of those rows only ONE user addresses (private
+rows: their content after an epoch is that user's own labels, README "What holds ComeIR back"; with
+``engram.min_key_users: 2`` they are never read). Counted with the encoder's own key construction and hashing
+(:func:`comeir_dist.model.key_support.row_support`): no table is allocated, nothing is trained.
+
+Reading it: occupancy near 1 means the table is smaller than the keys the data produces (hash collisions merge
+unrelated n-grams: raise ``engram.s_t`` / ``s_s``); a high private share means that level's n-grams are mostly
+user-specific at this data size (memorization rather than shared patterns).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from comeir_dist.errors import UserError
+
+
+def key_table_report(cfg) -> dict:
+    """Per table and per (memory, level, order) group: rows, rows addressed, occupancy, private share."""
+    from comeir_dist.data.dataset import read_split
+    from comeir_dist.model.factory import build_model
+    from comeir_dist.model.key_support import row_support
+    from comeir_dist.train.setup import load_inputs
+
+    if cfg.model.variant != "comeir":
+        raise UserError(f"model.variant: {cfg.model.variant}; Engram tables exist for comeir only")
+    t0 = time.time()
+    sids, emb = load_inputs(cfg)
+    model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
+    seqs = [np.asarray(s, dtype=np.int64) for s in read_split(cfg.dataset, "train").column("items").to_pylist()]
+    support = row_support(model, seqs, cap=2)
+    tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0})
+    for idx in model.lookup.index.values():
+        for s in idx.specs:
+            v = support[s.name]
+            addressed, private = int((v > 0).sum()), int((v == 1).sum())
+            tables.append({"table": s.name, "memory": s.memory, "level": s.level, "order": s.order, "head": s.head,
+                           "rows": s.rows, "dim": s.dim, "addressed": addressed, "private": private})
+            g = groups[(s.memory, s.level, s.order)]
+            g["tables"] += 1
+            g["rows"] += s.rows
+            g["addressed"] += addressed
+            g["private"] += private
+    summary = []
+    for (memory, level, order), g in sorted(groups.items()):
+        summary.append({"memory": memory, "level": level, "order": order, "heads": g["tables"], "rows": g["rows"],
+                        "occupancy": g["addressed"] / max(1, g["rows"]),
+                        "private_share": g["private"] / max(1, g["addressed"])})
+    return {"dataset": cfg.dataset, "users": len(seqs), "engram": cfg.engram.model_dump(mode="json"),
+            "groups": summary, "tables": tables, "wall_time_s": round(time.time() - t0, 2)}
+
+
+def format_key_report(rep: dict) -> str:
+    e = rep["engram"]
+    lines = [f"Engram key tables of {rep['dataset']} ({rep['users']} users' training sequences; s_S {e['s_s']:g}, "
+             f"s_T {e['s_t']:g}, d_m {e['d_m']})", "",
+             "| memory | level | order | heads | rows | occupancy | private share |", "|---|---|---|---|---|---|---|"]
+    for g in rep["groups"]:
+        lines.append(f"| {g['memory']} | {g['level']} | {g['order']} | {g['heads']} | {g['rows']:,} | "
+                     f"{g['occupancy']:.3f} | {g['private_share']:.3f} |")
+    return "\n".join(lines)
+
+
+def run_key_report(cfg, out: str | None = None) -> dict:
+    """The report; with ``out`` also ``out`` (JSON) and ``out`` with suffix ``.md`` (the group table)."""
+    from comeir_dist.utils.atomic import write_json_and_markdown
+    from comeir_dist.utils.output_guard import check_out_file
+
+    if out:  # before any work
+        check_out_file(out)
+    rep = key_table_report(cfg)
+    if out:
+        write_json_and_markdown(Path(out), rep, format_key_report(rep) + "\n")
+    return rep
