@@ -39,7 +39,8 @@ Decisions on the open points of rec2pm-method.md (each is tested in tests/unit/t
   cross-entropy over all items, on the sample's target only: the loop already draws every prefix of every user as a
   sample, so every item is a target once per epoch; earlier segments contribute L_con only. L_con = mean squared
   error over the C x d entries of every complete segment with a predecessor (the paper's ||.||^2 divided by C*d so
-  lambda does not depend on d).
+  lambda does not depend on d), averaged over a sample's segments, then over samples (0 for a sample without such a
+  segment), so that L is a mean over samples like L_AR and 1..N ranks compute the same loss.
 * segmentation: aligned from the user's FIRST interaction. The recent segment holds the last r =
   ((n - 1) mod segment_items) + 1 items (1..segment_items, never empty); the archive keeps r + a multiple of
   segment_items items (train/archive_samples.py trims it so), so a segment's content never changes once
@@ -235,7 +236,10 @@ class PreferenceMemory:
                 target = refs.detach() if pm.stop_grad_refs else refs
                 valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
                 err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
-                l_con = (err * valid).sum() / valid.sum().clamp(min=1)
+                # per sample: mean over its segments with a predecessor (0 without); then the mean over samples,
+                # like L_AR -- a per-sample mean is the same loss however the batch is split over ranks
+                per_sample = (err * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+                l_con = per_sample.mean()
         l_ar = self._ar_loss(out, mb)
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con

@@ -1,0 +1,46 @@
+"""Rec2PM preference memory (``model.pref_memory``) trained on 1 and 2 gloo ranks: the same losses and validation
+metrics for both hosts (tm, sasrec), and the 2-rank best/ evaluates identically in one process.
+
+Histories of up to 12 training items in segments of 3: the two ranks' halves of the uneven global batch (13 = 7 +
+6) hold different numbers of complete segments, so the ranks run global / local passes of different sizes in the
+same step (the dense gradients still reduce over the same parameters).
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.harness import run_ranks
+from tests.distributed.run_compare import assert_same_training, evaluate_best_in_one_process
+from tests.distributed.workers import K, SHAPES, recovery_jobs
+from tests.fixtures import make_tiny_dataset
+
+TW = "table_wise"
+PM = {"enabled": True, "tokens": 2, "segment_items": 3, "archive_items": 12}
+HOSTS = ("tm", "sasrec")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pref_memory_ranks")
+    ds = str(make_tiny_dataset(root / "data", seq_len=14))
+
+    def job(host, world):
+        return {"ds": ds, "out": str(root / f"{host}_w{world}"), "sharding": TW,
+                "model": {"variant": host, "pref_memory": PM}}
+
+    run_ranks(1, recovery_jobs, [job(h, 1) for h in HOSTS])
+    run_ranks(2, recovery_jobs, [job(h, 2) for h in HOSTS])
+    return root
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_one_and_two_ranks_train_the_same_memory_model(runs, host):
+    s1, s2 = assert_same_training(runs / f"{host}_w1", runs / f"{host}_w2", 2 * K, SHAPES[TW][1],
+                                  keys=("item/ndcg@10", "item/hit@10", "item/hit@5"))
+    assert s1["variant"] == s2["variant"] == host
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_memory_best_from_two_ranks_evaluates_in_one_process(runs, host):
+    _, cfg, _ = evaluate_best_in_one_process(runs / f"{host}_w2" / "best", keys=("item/ndcg@10", "item/hit@5"))
+    assert cfg.model.pref_memory.enabled and cfg.model.variant == host
