@@ -94,7 +94,7 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
 
         seg_items = items[:, -seg:]
         row = {"history": t, "full_ms": _timed(run_full, reps, warmup), "memory_ms": _timed(run_mem, reps, warmup),
-               "update_ms": _timed(lambda: mem_model.local_pass(m, mm, seg_items), reps, warmup),
+               "update_ms": _timed(lambda: mem_model.update(m, mm, seg_items), reps, warmup),
                **storage(tiny_shape, t, tokens, seg, 4)}
         row["latency_ratio"] = row["full_ms"] / row["memory_ms"]
         rows.append(row)

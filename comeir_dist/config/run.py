@@ -78,7 +78,7 @@ class ModelConfig(Section):
         "frozen codebook vector only. 'decor' = DECOR Eq. 9-11, W_fuse[LN(W_pre e_pre) || LN(W_collab e_collab)]. "
         "Also the candidate embedding e_x of the ComeIR head (Eq. 10).")
     decor: DecorConfig = Field(default_factory=DecorConfig, description="DECOR fusion / composition knobs.")
-    pref_memory: PrefMemoryConfig = Field(default_factory=PrefMemoryConfig, description="Rec2PM preference memory (tm, sasrec).")
+    pref_memory: PrefMemoryConfig = Field(default_factory=PrefMemoryConfig, description="Rec2PM preference memory (tm, sasrec, comeir).")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@
 backbone pass per segment, ``PrefMemoryTM.compress``) and writes ``OUT/memories.safetensors`` (no pickle):
 
 * ``memory`` float32 ``[U, P, d]`` (P = C in overwrite mode; append mode: C per segment, left-padded),
-* ``memory_mask`` bool ``[U, P]``, ``recent`` int64 ``[U, segment_items]`` (the recent segment, -1 padding),
+* ``memory_mask`` bool ``[U, P]``, ``recent`` int64 ``[U, context + segment_items]`` (the recent segment, -1 padding; comeir: preceded by its
+  ``context_items`` context items),
 * ``user_idx`` / ``target`` int64 ``[U]``,
 
 plus ``OUT/memory.json`` (checkpoint, split, mode, tokens, bytes per user). Bytes per user = the real memory
@@ -47,7 +48,7 @@ def compress_archives(model, hist: np.ndarray, batch_size: int = 256, device="cp
 
     if not mems:
         return {"memory": torch.zeros(0, 0, d), "memory_mask": torch.zeros(0, 0, dtype=torch.bool),
-                "recent": torch.zeros(0, model.pm.segment_items, dtype=torch.long)}
+                "recent": torch.zeros(0, model.pm.segment_items + model.context_items, dtype=torch.long)}
     return {"memory": torch.cat([lpad(m, 0.0) for m in mems]), "memory_mask": torch.cat([lpad(m, False) for m in masks]),
             "recent": torch.cat(recents).long()}
 

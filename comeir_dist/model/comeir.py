@@ -67,26 +67,32 @@ class ComeIRModel(nn.Module):
         self.decoding = decoding
         self.nezha = NezhaDecoding(self.levels, d, nezha_delta, window) if decoding == "nezha" else None
 
-    def _encode(self, batch: HistoryBatch, extra_requests=None):
-        codes = self.catalog.item_codes(batch.items)
-        mask = batch.mask
+    def encoder_pass(self, items: torch.Tensor, extra_requests=None) -> dict:
+        """One Engram lookup pass (the encoder's keys + ``extra_requests(lp, units, mask)``) and the encoder:
+        ``r`` (R^I, the backbone inputs), ``s0``, ``mask``, ``units``, the run ``lp`` and the extra requests."""
+        codes = self.catalog.item_codes(items)
+        mask = items >= 0
         units = history_units(codes, self.levels, self.codebook_size, self.d_max)
         lp = self.lookup.new_pass()
         handles = self.encoder.request(lp, codes, mask, units)
         extra = extra_requests(lp, units, mask) if extra_requests else None
         lp.run(self.tables)
-        r, s0 = self.encoder(self.tokens(codes), self.catalog.item_emb(batch.items), codes, mask, units, lp, handles)
-        out = dict(s0=s0, mask=mask, units=units, lp=lp, extra=extra)
+        r, s0 = self.encoder(self.tokens(codes), self.catalog.item_emb(items), codes, mask, units, lp, handles)
+        return dict(r=r, s0=s0, mask=mask, units=units, lp=lp, extra=extra)
+
+    def _encode(self, batch: HistoryBatch, extra_requests=None):
+        enc = self.encoder_pass(batch.items, extra_requests)
+        r, mask = enc.pop("r"), enc["mask"]
         if self.nezha is None:
             h, _ = run_backbone(self.backbone, r, mask)
-            return dict(out, h=h[:, -1])
+            return dict(enc, h=h[:, -1])
         h_u, h_p = self.nezha.encode(self.backbone, r, mask)  # Eq. 40: one pass over [R^I; p_1..p_L]
-        return dict(out, h=h_u, h_p=h_p)
+        return dict(enc, h=h_u, h_p=h_p)
 
-    def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher forcing (Eq. 12): logits ``[B, C]`` per level for the ground-truth prefixes."""
+    def head_requests(self, target_codes: torch.Tensor):
+        """``extra_requests`` of teacher forcing: the head's keys of every level for the ground-truth prefixes."""
 
-        def head_requests(lp, units, mask):
+        def requests(lp, units, mask):
             reqs = []
             for l in range(self.levels):
                 prefix = target_codes[:, :l]
@@ -94,7 +100,11 @@ class ComeIRModel(nn.Module):
                 reqs.append(self.head.request(lp, l + 1, prefix.unsqueeze(1), valid, units, mask))
             return reqs
 
-        enc = self._encode(batch, head_requests)
+        return requests
+
+    def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher forcing (Eq. 12): logits ``[B, C]`` per level for the ground-truth prefixes."""
+        enc = self._encode(batch, self.head_requests(target_codes))
         if self.nezha is None:
             zetas = [enc["h"]] * self.levels
         else:  # zeta_l = xi_l, recurrence driven by the ground-truth codes (teacher forcing, Alg. 1 line 22)

@@ -16,10 +16,10 @@ from comeir_dist.model.history import Catalog
 
 def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_emb: np.ndarray,
                 sparse_device: str = "cpu") -> torch.nn.Module:
-    if cfg.model.pref_memory.enabled:  # Rec2PM preference memory (tm, sasrec; others refused there)
+    if cfg.model.pref_memory.enabled:  # Rec2PM preference memory (tm, sasrec, comeir; others refused there)
         from comeir_dist.model.pref_memory import build_pref_memory_model
 
-        return build_pref_memory_model(cfg, codes, codebooks, item_emb)
+        return build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device=sparse_device)
     if cfg.model.variant == "sasrec":  # item IDs: no SIDs, codebooks, item embeddings or tables are used
         return build_sasrec(cfg, num_items=codes.shape[0])
     levels, size = codebooks.shape[0], codebooks.shape[1]

@@ -1,12 +1,13 @@
-"""Rec2PM recurrent preference memory on the tm and item-ID SASRec baselines (issue 16;
+"""Rec2PM recurrent preference memory on tm, the item-ID SASRec baseline and ComeIR (issue 16;
 /work/shared/papers/rec2pm-method.md).
 
 A user's archive (``model.pref_memory.archive_items`` most recent items) is cut into segments of
 ``segment_items`` items. The preference memory M_{k-1} (C = ``tokens`` vectors of width d) summarises every
 complete segment before the recent one; the backbone reads ``[M_{k-1}; recent segment]`` and predicts the next
-item as its host does: tm generates the SID (Normal GR, KV-cached beam search), SASRec scores every item. A memory update is one backbone pass over
-``[M_{k-1}; S_k; Q_mem]``: the outputs at the C query positions are m_k; overwrite: M_k = m_k, append:
-M_k = [M_{k-1}; m_k].
+item as its host does: tm generates the SID (Normal GR, KV-cached beam search), SASRec scores every item, ComeIR
+decodes with its memory-restoring head (:class:`PrefMemoryComeIR` for its segment-boundary rule). A memory update
+is one backbone pass over ``[M_{k-1}; S_k; Q_mem]``: the outputs at the C query positions are m_k; overwrite:
+M_k = m_k, append: M_k = [M_{k-1}; m_k].
 
 Training (self-referential teacher forcing, :meth:`PreferenceMemory.training_loss`):
 
@@ -51,6 +52,7 @@ Decisions on the open points of rec2pm-method.md (each is tested in tests/unit/t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,7 @@ from torch import nn
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.baselines import GenerativeBaseline
+from comeir_dist.model.comeir import ComeIRModel
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 from comeir_dist.model.sasrec import SASRecModel
@@ -89,9 +92,14 @@ def global_block_mask(segments: int, seg: int, tokens: int) -> torch.Tensor:
     return item_rows | q_rows
 
 
-def split_archive(items: torch.Tensor, seg: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``items [B, A]`` (left-padded, most recent last) -> (complete segments ``[B, K, seg]``, right-aligned: absent
-    leading segments are all -1; recent segment ``[B, seg]`` left-padded). r = ((n - 1) mod seg) + 1."""
+def split_archive(items: torch.Tensor, seg: int, context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``items [B, A]`` (left-padded, most recent last) -> (complete segments ``[B, K, context + seg]``, right-aligned:
+    absent leading segments are all -1; recent segment ``[B, context + seg]`` left-padded). r = ((n - 1) mod seg) + 1.
+    ``context`` > 0: every segment is preceded by the ``context`` items before it (-1 where the archive has none), so a
+    host whose item vectors depend on preceding items (comeir's n-gram keys) encodes a segment as in the full
+    history. Context positions are not part of the segment and are marked: item i is stored as ``-2 - i``
+    (:func:`context_items_decoded` restores it; -1 stays padding), so ``>= 0`` still selects a segment's own items
+    -- in the recent row the context sits right before its 1..seg items, inside the last ``seg`` columns."""
     b, a = items.shape
     n = (items >= 0).sum(-1)
     r = torch.where(n > 0, (n - 1) % seg + 1, torch.zeros_like(n))
@@ -102,21 +110,38 @@ def split_archive(items: torch.Tensor, seg: int) -> tuple[torch.Tensor, torch.Te
     def take(cols: torch.Tensor) -> torch.Tensor:  # source columns (may be < 0 -> padding)
         return src.gather(1, (cols + 1).clamp(min=0))
 
-    c = torch.arange(seg, device=items.device)
-    recent_cols = a - seg + c.unsqueeze(0).expand(b, -1)
+    w = context + seg
+    c = torch.arange(w, device=items.device)
+    recent_cols = a - w + c.unsqueeze(0).expand(b, -1)
     recent = torch.where(c.unsqueeze(0) >= seg - r.unsqueeze(1), take(recent_cols), torch.full_like(recent_cols, -1))
+    recent = _mark(recent, c.unsqueeze(0) < (w - r).unsqueeze(1))
     if k == 0:
-        return items.new_full((b, 0, seg), -1), recent
-    cc = torch.arange(k * seg, device=items.device)
-    comp_cols = (a - r).unsqueeze(1) - k * seg + cc.unsqueeze(0)
-    return take(comp_cols).reshape(b, k, seg), recent
+        return items.new_full((b, 0, w), -1), recent
+    h = torch.arange(k, device=items.device)
+    start = (a - r).unsqueeze(1) - (k - h.unsqueeze(0)) * seg  # [B, K] first column of segment h
+    cols = start.unsqueeze(-1) - context + c  # [B, K, w]
+    return _mark(take(cols.reshape(b, -1)).reshape(b, k, w), c < context), recent
+
+
+def _mark(items: torch.Tensor, is_context: torch.Tensor) -> torch.Tensor:
+    """Context positions hold ``-2 - item`` (see :func:`split_archive`)."""
+    return torch.where(is_context & (items >= 0), -2 - items, items)
+
+
+def context_items_decoded(items: torch.Tensor) -> torch.Tensor:
+    """The item ids of a :func:`split_archive` row with its context positions restored (padding stays -1)."""
+    return torch.where(items <= -2, -2 - items, items)
 
 
 class PreferenceMemory:
     """The Rec2PM machinery shared by every host model (tm: :class:`PrefMemoryTM`, item-ID SASRec:
-    :class:`PrefMemorySASRec`). The host is an ``nn.Module`` with ``backbone`` and provides ``item_vectors(items)``
-    (one input vector per history item, ``[..., d]``), ``_ar_forward(batch)`` (the next-item prediction of a
-    :class:`MemoryBatch`, run inside autocast) and ``_ar_loss(out, batch)`` (its loss, in fp32)."""
+    :class:`PrefMemorySASRec`, comeir: :class:`PrefMemoryComeIR`). The host is an ``nn.Module`` with ``backbone``
+    and provides ``item_vectors(items [R, N]) -> [R, N, d]`` (one input vector per item position) and
+    ``_prepare(segments [R, context + seg], recent: MemoryBatch) -> (segment vectors [R, seg, d],
+    predict(memory, memory_mask) -> out)`` plus ``_ar_loss(out, batch)``. ``context_items``: items before every
+    segment the host's item vectors need (comeir: its n-gram keys and window; 0 for tm / sasrec)."""
+
+    context_items = 0
 
     def _init_memory(self, pm: PrefMemoryConfig, d: int) -> None:
         self.pm = pm
@@ -128,22 +153,38 @@ class PreferenceMemory:
     def _queries(self, rows: int) -> torch.Tensor:
         return self.q_mem.unsqueeze(0).expand(rows, -1, -1)
 
-    def local_pass(self, memory: torch.Tensor, memory_mask: torch.Tensor, seg_items: torch.Tensor) -> torch.Tensor:
+    def segment_vectors(self, seg_items: torch.Tensor) -> torch.Tensor:
+        """Item vectors ``[R, seg, d]`` of segments given with their context ``[R, context + seg]``."""
+        return self.item_vectors(seg_items)[:, self.context_items:]
+
+    def _prepare(self, segments: torch.Tensor, recent: "MemoryBatch"):
+        """Default (hosts whose item vectors need no lookups): segment vectors now, the prediction later."""
+        vecs = self.segment_vectors(segments)
+        return vecs, lambda mem, mmask: self._ar_forward(dataclasses.replace(recent, memory=mem, memory_mask=mmask))
+
+    def local_pass(self, memory: torch.Tensor, memory_mask: torch.Tensor, seg_vecs: torch.Tensor,
+                   seg_valid: torch.Tensor) -> torch.Tensor:
         """One memory update per row: ``[mem_in(M); S; Q]`` -> the C query outputs ``[R, C, d]``."""
-        r = seg_items.shape[0]
-        x = torch.cat([self.mem_in(memory), self.item_vectors(seg_items), self._queries(r)], dim=1)
+        r = seg_vecs.shape[0]
+        x = torch.cat([self.mem_in(memory), seg_vecs, self._queries(r)], dim=1)
         ones = torch.ones(r, self.pm.tokens, dtype=torch.bool, device=x.device)
-        mask = torch.cat([memory_mask, seg_items >= 0, ones], dim=1)
+        mask = torch.cat([memory_mask, seg_valid, ones], dim=1)
         h, _ = run_backbone(self.backbone, x, mask)
         return h[:, -self.pm.tokens:]
 
-    def global_pass(self, segments: torch.Tensor) -> torch.Tensor:
-        """Reference memories m^ref ``[B, K, C, d]`` of complete segments ``[B, K, seg]`` in one pass."""
-        b, k, seg = segments.shape
+    def update(self, memory: torch.Tensor, memory_mask: torch.Tensor, seg_items: torch.Tensor) -> torch.Tensor:
+        """Serving: the memory block m_k ``[R, C, d]`` written by one completed segment ``[R, context + seg]``."""
+        return self.local_pass(memory, memory_mask, self.segment_vectors(seg_items),
+                               seg_items[:, self.context_items:] >= 0)
+
+    def global_pass(self, seg_vecs: torch.Tensor, seg_valid: torch.Tensor) -> torch.Tensor:
+        """Reference memories m^ref ``[B, K, C, d]`` of complete segments (vectors ``[B, K, seg, d]``, validity
+        ``[B, K, seg]``) in one pass."""
+        b, k, seg, _ = seg_vecs.shape
         c = self.pm.tokens
-        x = torch.cat([self.item_vectors(segments), self._queries(b * k).reshape(b, k, c, -1)], dim=2)
-        present = segments[:, :, :1] >= 0  # complete segments are full: present iff the first item is real
-        valid = torch.cat([segments >= 0, present.expand(-1, -1, c)], dim=2).reshape(b, -1)
+        x = torch.cat([seg_vecs, self._queries(b * k).reshape(b, k, c, -1)], dim=2)
+        present = seg_valid[:, :, :1]  # complete segments are full: present iff the first item is real
+        valid = torch.cat([seg_valid, present.expand(-1, -1, c)], dim=2).reshape(b, -1)
         x = x.reshape(b, k * (seg + c), -1)
         struct = global_block_mask(k, seg, c).to(x.device)
         eye = torch.eye(struct.shape[0], dtype=torch.bool, device=x.device)
@@ -165,10 +206,11 @@ class PreferenceMemory:
             return blocks[:, h - 1], present[:, h - 1:h].expand(-1, c)
         return blocks[:, :h].reshape(b, h * c, d), present[:, :h].repeat_interleave(c, dim=1)
 
-    def parallel_updates(self, refs: torch.Tensor, present: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def parallel_updates(self, refs: torch.Tensor, present: torch.Tensor, seg_vecs: torch.Tensor,
+                         seg_valid: torch.Tensor) -> torch.Tensor:
         """m_h^upd ``[B, K, C, d]`` of every complete segment h from the memory built of ``refs`` (all segments in
         one batch of B*K rows; append mode left-pads the memories to (K-1)*C masked slots)."""
-        b, k, seg = segments.shape
+        b, k, seg, _ = seg_vecs.shape
         c, d = self.pm.tokens, refs.shape[-1]
         width = c if self.pm.mode == "overwrite" else max(k - 1, 0) * c
         mems, masks = [], []
@@ -179,19 +221,27 @@ class PreferenceMemory:
             masks.append(torch.cat([mm.new_zeros(b, gap), mm], dim=1))
         mem = torch.stack(mems, 1).reshape(b * k, width, d)
         mmask = torch.stack(masks, 1).reshape(b * k, width)
-        return self.local_pass(mem, mmask, segments.reshape(b * k, seg)).reshape(b, k, c, d)
+        out = self.local_pass(mem, mmask, seg_vecs.reshape(b * k, seg, -1), seg_valid.reshape(b * k, seg))
+        return out.reshape(b, k, c, d)
+
+    def _split(self, items: torch.Tensor):
+        """(segments ``[B, K, context + seg]``, recent ``[B, context + seg]``, segments' own items ``[B, K, seg]``)."""
+        segments, recent = split_archive(items, self.pm.segment_items, self.context_items)
+        return segments, recent, segments[:, :, self.context_items:]
 
     def compress(self, items: torch.Tensor):
-        """Sequential serving computation: (M ``[B, P, d]``, its mask, recent segment ``[B, seg]``); one local pass
-        per complete segment. Also returns the blocks m_h ``[B, K, C, d]`` (for tests)."""
-        segments, recent = split_archive(items, self.pm.segment_items)
+        """Sequential serving computation: (M ``[B, P, d]``, its mask, recent segment ``[B, context + seg]``); one
+        local pass per complete segment (the segments' item vectors in one call). Also returns the blocks m_h
+        ``[B, K, C, d]`` (for tests)."""
+        segments, recent, own = self._split(items)
         b, k, _ = segments.shape
         d = self.q_mem.shape[1]
-        present = segments[:, :, 0] >= 0
+        vecs = self.segment_vectors(segments.reshape(b * k, segments.shape[-1])).reshape(b, k, own.shape[-1], d)
+        present = own[:, :, 0] >= 0
         mem, mmask = self.q_mem.new_zeros(b, 0, d), present.new_zeros(b, 0)
         blocks = []
         for h in range(k):
-            new = self.local_pass(mem, mmask, segments[:, h])
+            new = self.local_pass(mem, mmask, vecs[:, h], own[:, h] >= 0)
             blocks.append(new)
             p = present[:, h]
             newmask = p.unsqueeze(1).expand(-1, self.pm.tokens)
@@ -214,25 +264,28 @@ class PreferenceMemory:
             mem, mmask, recent = batch.memory, batch.memory_mask, batch.items
         else:
             mem, mmask, recent, _ = self.compress(batch.items)
-        items = self.item_vectors(recent)
+        items = self.segment_vectors(recent)
         x = torch.cat([self.mem_in(mem.to(items.dtype)), items], dim=1)
-        return x, torch.cat([mmask, recent >= 0], dim=1), items
+        return x, torch.cat([mmask, recent[:, self.context_items:] >= 0], dim=1), items
 
     # ---- training: self-referential teacher forcing ----------------------------------------------------------
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
         pm = self.pm
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
-            segments, recent = split_archive(batch.items, pm.segment_items)
-            b, k, _ = segments.shape
-            present = segments[:, :, 0] >= 0
-            refs = self.global_pass(segments) if k else self.q_mem.new_zeros(b, 0, pm.tokens, self.q_mem.shape[1])
+            segments, recent, own = self._split(batch.items)
+            b, k, seg = own.shape
+            vecs, predict = self._prepare(segments.reshape(b * k, segments.shape[-1]), MemoryBatch(recent, batch.target))
+            vecs = vecs.reshape(b, k, seg, self.q_mem.shape[1])
+            seg_valid = own >= 0
+            present = seg_valid[:, :, 0]
+            refs = (self.global_pass(vecs, seg_valid) if k
+                    else self.q_mem.new_zeros(b, 0, pm.tokens, self.q_mem.shape[1]))
             ref_in = refs.detach() if pm.stop_grad_ref_inputs else refs
             mem, mmask = self.memory_before(ref_in, present, k)
-            mb = MemoryBatch(recent, batch.target, mem, mmask)
-            out = self._ar_forward(mb)
+            out = predict(mem, mmask)
             l_con = refs.new_zeros(())
             if k > 1 and pm.align_weight > 0:
-                upd = self.parallel_updates(ref_in, present, segments)
+                upd = self.parallel_updates(ref_in, present, vecs, seg_valid)
                 target = refs.detach() if pm.stop_grad_refs else refs
                 valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
                 err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
@@ -240,7 +293,7 @@ class PreferenceMemory:
                 # like L_AR -- a per-sample mean is the same loss however the batch is split over ranks
                 per_sample = (err * valid).sum(-1) / valid.sum(-1).clamp(min=1)
                 l_con = per_sample.mean()
-        l_ar = self._ar_loss(out, mb)
+        l_ar = self._ar_loss(out, MemoryBatch(recent, batch.target))
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con
 
@@ -296,17 +349,84 @@ class PrefMemorySASRec(PreferenceMemory, SASRecModel):
         return F.cross_entropy(out.float(), batch.target)
 
 
-def build_pref_memory_model(cfg, codes, codebooks, item_emb) -> nn.Module:
-    """``model.pref_memory.enabled``: tm or sasrec + Rec2PM memory; other variants / decodings are refused in one
-    line."""
+class PrefMemoryComeIR(PreferenceMemory, ComeIRModel):
+    """ComeIR with a recurrent preference memory (Normal GR). Decisions beyond the tm host:
+
+    * segment boundaries: every segment -- complete or recent -- is encoded with the ``context_items`` =
+      max(largest inter n-gram order - 1, window - 1) items before it, so its first items' n-gram keys and window
+      attention see the real preceding items exactly as in the full history; the context positions' vectors are
+      dropped (those items belong to the previous segment, already in the memory). The memory-restoring head reads
+      the recent segment WITH its context: the candidate keys and the decode query over the last ``window`` items
+      are those of the full history even when the recent segment holds one item.
+    * one Engram lookup pass per forward: training encodes every complete segment and the recent segment in one
+      encoder call (the head's teacher-forced keys registered in the same pass), serving (``compress``) encodes
+      all segments in one call; so every rank makes the same collective table calls whatever its histories
+      (an empty set of segments still makes the call, with one padding row).
+    """
+
+    def __init__(self, pm: PrefMemoryConfig, *args, **kwargs):
+        ComeIRModel.__init__(self, *args, **kwargs)
+        self._init_memory(pm, backbone_width(self.backbone))
+        longest = max(o for l in range(1, self.levels + 1) for o in self.lookup.orders("inter", l) or [1])
+        self.context_items = max(longest - 1, self.head.window - 1, 0)
+
+    def segment_vectors(self, seg_items: torch.Tensor) -> torch.Tensor:
+        rows = seg_items if seg_items.shape[0] else seg_items.new_full((1, seg_items.shape[1]), -1)
+        r = self.encoder_pass(context_items_decoded(rows))["r"][:, self.context_items:]
+        return r[: seg_items.shape[0]]
+
+    def _with_memory(self, enc: dict, mem: torch.Tensor, mmask: torch.Tensor, recent: torch.Tensor) -> dict:
+        """The backbone over ``[mem_in(M); recent segment]`` (the last ``seg`` columns of ``recent``, context items
+        masked): ``h`` of the last position."""
+        c = self.context_items
+        r = enc["r"]
+        x = torch.cat([self.mem_in(mem.to(r.dtype)), r[:, c:]], dim=1)
+        h, _ = run_backbone(self.backbone, x, torch.cat([mmask, recent[:, c:] >= 0], dim=1))
+        return dict(enc, h=h[:, -1])
+
+    def _encode(self, batch: HistoryBatch, extra_requests=None):
+        if getattr(batch, "memory", None) is not None:
+            mem, mmask, recent = batch.memory, batch.memory_mask, batch.items
+        else:
+            mem, mmask, recent, _ = self.compress(batch.items)
+        enc = self.encoder_pass(context_items_decoded(recent), extra_requests)  # the head sees the context too
+        return self._with_memory(enc, mem, mmask, recent)
+
+    def _prepare(self, segments: torch.Tensor, recent: MemoryBatch):
+        n = segments.shape[0]
+        codes = self.catalog.item_codes(recent.target)
+        head = self.head_requests(codes)
+        enc = self.encoder_pass(context_items_decoded(torch.cat([segments, recent.items])),
+                                lambda lp, units, mask: head(lp, [u[n:] for u in units], mask[n:]))
+        vecs = enc["r"][:n, self.context_items:]
+
+        def predict(mem, mmask):
+            e = dict(r=enc["r"][n:], mask=enc["mask"][n:], s0=enc["s0"][n:])
+            e = self._with_memory(e, mem, mmask, recent.items)
+            logits = [self.head.logits(enc["lp"], req, e["h"], e["s0"], e["mask"],
+                                       self.tokens.level_table(req.level - 1))[:, 0] for req in enc["extra"]]
+            return logits, codes
+
+        return vecs, predict
+
+    def _ar_loss(self, out, batch: MemoryBatch) -> torch.Tensor:
+        from comeir_dist.model.loss import constrained_sid_loss
+
+        logits, codes = out
+        return constrained_sid_loss(logits, codes, self.trie)
+
+
+def build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device="cpu") -> nn.Module:
+    """``model.pref_memory.enabled``: tm, sasrec or comeir + Rec2PM memory (Normal GR); anything else is refused in
+    one line."""
     from comeir_dist.decode.trie import PrefixTrie
     from comeir_dist.model.backbone import build_backbone
     from comeir_dist.model.history import Catalog
 
     m = cfg.model
-    if m.variant not in ("tm", "sasrec"):
-        raise UserError(f"model.pref_memory.enabled applies to model.variant: tm or sasrec (one input vector per "
-                        f"item), not {m.variant}; set model.pref_memory.enabled: false or another model.variant")
+    if m.variant not in ("tm", "sasrec", "comeir"):
+        raise UserError(f"model.pref_memory.enabled applies to model.variant: tm, sasrec or comeir (one input vector "
+                        f"per item), not {m.variant}; set model.pref_memory.enabled: false or another model.variant")
     if m.decoding != "normal" or m.decor.compose:
         raise UserError("model.pref_memory.enabled needs model.decoding: normal and model.decor.compose: false")
     if m.variant == "sasrec":
@@ -317,7 +437,14 @@ def build_pref_memory_model(cfg, codes, codebooks, item_emb) -> nn.Module:
                         f"engram.codebook_size={cfg.engram.codebook_size}")
     codes_t = torch.as_tensor(codes, dtype=torch.long)
     catalog = Catalog(codes_t, torch.as_tensor(item_emb, dtype=torch.float32))
-    model = PrefMemoryTM(catalog, torch.as_tensor(codebooks, dtype=torch.float32), build_backbone(m.backbone),
-                         m.token_dim, m.pref_memory, window=m.window, fusion=m.token_fusion)
-    model.trie = PrefixTrie.from_codes(codes_t, size)
+    cb = torch.as_tensor(codebooks, dtype=torch.float32)
+    trie = PrefixTrie.from_codes(codes_t, size)
+    if m.variant == "comeir":
+        return PrefMemoryComeIR(m.pref_memory, cfg.engram, catalog, cb, build_backbone(m.backbone), trie, m.token_dim,
+                                m.window, set(m.ablations), sparse_device=sparse_device,
+                                head_interaction=m.head_interaction, memory_dropout=m.memory_dropout,
+                                head_memory_grad=m.head_memory_grad, fusion=m.token_fusion, decor=m.decor)
+    model = PrefMemoryTM(catalog, cb, build_backbone(m.backbone), m.token_dim, m.pref_memory, window=m.window,
+                         fusion=m.token_fusion)
+    model.trie = trie
     return model

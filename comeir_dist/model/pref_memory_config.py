@@ -12,8 +12,8 @@ from comeir_dist.config.base import Section
 
 
 class PrefMemoryConfig(Section):
-    """Preference memory knobs. Applies to ``model.variant: tm`` (with ``model.decoding: normal``) and
-    ``sasrec`` (one input vector per item); every other variant refuses ``enabled: true`` at build time with a one-line error."""
+    """Preference memory knobs. Applies to ``model.variant`` tm, comeir (with ``model.decoding: normal``)
+    and sasrec (one input vector per item); every other variant refuses ``enabled: true`` at build time with a one-line error."""
 
     enabled: bool = Field(False, description="Compress the archived history into C memory tokens per segment "
                           "(Rec2PM); the backbone reads [M_{k-1}; recent segment] instead of the last max_history "

@@ -1,6 +1,8 @@
 """Rec2PM preference memory on tm (model/pref_memory.py, train/archive_samples.py, eval/memory_store.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from comeir_dist.decode.trie import PrefixTrie
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import build_backbone
 from comeir_dist.model.history import Catalog, HistoryBatch
-from comeir_dist.model.pref_memory import PrefMemorySASRec, PrefMemoryTM, global_block_mask, split_archive
+from comeir_dist.model.pref_memory import (PrefMemorySASRec, PrefMemoryTM, context_items_decoded, global_block_mask,
+                                           split_archive)
 from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 from comeir_dist.train.archive_samples import ArchiveHistory, align_archive
 from tests.fixtures import TINY_BACKBONE, make_tiny_dataset, tiny_run_config
@@ -18,11 +21,11 @@ from tests.fixtures import TINY_BACKBONE, make_tiny_dataset, tiny_run_config
 N_ITEMS, LEVELS, CB = 30, 3, 8
 
 
-HOSTS = ["tm", "sasrec"]
+HOSTS = ["tm", "sasrec", "comeir"]
 
 
 def tiny_model(mode="overwrite", tokens=3, seg=4, seed=0, host="tm", **pm):
-    """A tiny PrefMemoryTM (``host="tm"``) or PrefMemorySASRec (``"sasrec"``)."""
+    """A tiny PrefMemoryTM (``host="tm"``), PrefMemorySASRec (``"sasrec"``) or PrefMemoryComeIR (``"comeir"``)."""
     torch.manual_seed(seed)
     cfg = PrefMemoryConfig(enabled=True, tokens=tokens, segment_items=seg, mode=mode, archive_items=40, **pm)
     if host == "sasrec":
@@ -30,6 +33,15 @@ def tiny_model(mode="overwrite", tokens=3, seg=4, seed=0, host="tm", **pm):
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(CB)] * LEVELS, indexing="ij"), -1).reshape(-1, LEVELS)
     codes = torch.as_tensor(grid[rng.choice(len(grid), N_ITEMS, replace=False)])
+    if host == "comeir":
+        from comeir_dist.model.pref_memory import build_pref_memory_model
+
+        rc = tiny_run_config(Path("unused"), Path("unused"), variant="comeir", codebook_size=CB)
+        rc.model.pref_memory = cfg
+        inputs = (codes.numpy(), torch.randn(LEVELS, CB, 8).numpy(), torch.randn(N_ITEMS, 8).numpy())
+        m = build_pref_memory_model(rc, *inputs)
+        m.built_from = (rc, inputs)  # for the base-model comparison
+        return m
     cat = Catalog(codes, torch.randn(N_ITEMS, 8))
     m = PrefMemoryTM(cat, torch.randn(LEVELS, CB, 8), build_backbone(BackboneConfig(**TINY_BACKBONE)), 8, cfg)
     m.trie = PrefixTrie.from_codes(codes, CB)
@@ -89,10 +101,17 @@ def test_parallel_pass_equals_sequential_recurrence(mode, host):
     items = archives([3, 8, 17, 25])
     with torch.no_grad():
         _, _, _, blocks = m.compress(items)
-        segs, _ = split_archive(items, 4)
-        present = segs[:, :, 0] >= 0
-        upd = m.parallel_updates(blocks, present, segs)
+        segs, _, own = m._split(items)
+        present = own[:, :, 0] >= 0
+        upd = m.parallel_updates(blocks, present, *_vectors(m, segs))
     assert torch.allclose(upd[present], blocks[present], atol=1e-5)
+
+
+def _vectors(m, segs):
+    """(item vectors ``[B, K, seg, d]``, validity) of complete segments given with their context."""
+    b, k, w = segs.shape
+    own = segs[:, :, m.context_items:]
+    return m.segment_vectors(segs.reshape(b * k, w)).reshape(b, k, own.shape[-1], -1), own >= 0
 
 
 def test_local_pass_sees_only_previous_memory_and_own_segment():
@@ -102,11 +121,11 @@ def test_local_pass_sees_only_previous_memory_and_own_segment():
     present = segs[:, :, 0] >= 0
     refs = torch.randn(2, segs.shape[1], 3, 32)
     with torch.no_grad():
-        base = m.parallel_updates(refs, present, segs)
+        base = m.parallel_updates(refs, present, *_vectors(m, segs))
         refs2, segs2 = refs.clone(), segs.clone()
         refs2[:, 0] += 5.0  # memory written by segment 0: read only by segment 1
         segs2[:, 3] = (segs2[:, 3] + 1) % N_ITEMS  # items of segment 3
-        other = m.parallel_updates(refs2, present, segs2)
+        other = m.parallel_updates(refs2, present, *_vectors(m, segs2))
     changed = (base - other).abs().amax(dim=(-1, -2))[0]
     assert changed[1] > 1e-4 and changed[3] > 1e-4
     assert changed[0] < 1e-6 and changed[2] < 1e-6 and changed[4] < 1e-6
@@ -117,8 +136,8 @@ def _loss_with_leaf_refs(m, items, target):
     real = m.global_pass
     holder = {}
 
-    def leaf(segs):
-        holder["refs"] = real(segs).detach().requires_grad_(True)
+    def leaf(vecs, valid):
+        holder["refs"] = real(vecs, valid).detach().requires_grad_(True)
         return holder["refs"]
 
     m.global_pass = leaf
@@ -167,6 +186,18 @@ def test_without_complete_segments_equals_the_base_model(host):
         with torch.no_grad():
             assert torch.allclose(m.item_logits(batch), base.eval().item_logits(batch), atol=1e-5)
         return
+    if host == "comeir":
+        from comeir_dist.model.factory import build_model
+
+        rc, inputs = m.built_from
+        base = build_model(rc.model_copy(update={"model": rc.model.model_copy(update={"pref_memory": PrefMemoryConfig()})}),
+                           *inputs)
+        assert base.load_state_dict(m.state_dict(), strict=False).missing_keys == []
+        codes = m.catalog.item_codes(batch.target)
+        with torch.no_grad():
+            for a, b in zip(m.level_logits(batch, codes), base.eval().level_logits(batch, codes)):
+                assert torch.allclose(a, b, atol=1e-5)
+        return
     base = GenerativeBaseline("tm", m.catalog, m.tokens.codebook.reshape(LEVELS, CB, 8), m.backbone, 8)
     base.load_state_dict({k: v for k, v in m.state_dict().items() if k in base.state_dict()})
     codes = m.catalog.item_codes(batch.target)
@@ -178,9 +209,14 @@ def test_without_complete_segments_equals_the_base_model(host):
 def test_other_variants_refused(tmp_path):
     from comeir_dist.model.factory import build_model
 
+    cfg = tiny_run_config(tmp_path / "ds", tmp_path / "run", variant="flatten")
+    cfg.model.pref_memory.enabled = True
+    with pytest.raises(UserError, match="model.pref_memory.enabled applies to model.variant: tm, sasrec or comeir"):
+        build_model(cfg, np.zeros((4, 3), np.int64), np.zeros((3, 8, 4), np.float32), np.zeros((4, 4), np.float32))
     cfg = tiny_run_config(tmp_path / "ds", tmp_path / "run", variant="comeir")
     cfg.model.pref_memory.enabled = True
-    with pytest.raises(UserError, match="model.pref_memory.enabled"):
+    cfg.model.decoding = "nezha"
+    with pytest.raises(UserError, match="needs model.decoding: normal"):
         build_model(cfg, np.zeros((4, 3), np.int64), np.zeros((3, 8, 4), np.float32), np.zeros((4, 4), np.float32))
 
 
@@ -263,3 +299,51 @@ def test_longseq_bench_small(tmp_path):
     assert rep["storage_ratio_full_over_memory"] == last["ratio"] and rep["latency_ratio_full_over_memory"] > 0
     q = rep["qwen3_0.6b"]["rows"][-1]
     assert q["full_kv_bytes"] == kv_bytes(28, 8, 128, 40, 2) and q["memory_bytes"] == 2 * 1024 * 2
+
+
+def test_split_archive_context_precedes_every_segment():
+    items = archives([13, 2])
+    segs, recent = split_archive(items, 4, context=3)
+    plain, plain_recent = split_archive(items, 4)
+    assert segs.shape == (2, 3, 7) and torch.equal(segs[:, :, 3:], plain)
+    own = torch.where(recent[:, 3:] >= 0, recent[:, 3:], torch.full_like(plain_recent, -1))
+    assert torch.equal(own, plain_recent)  # context marked (< -1): >= 0 still selects the segment's own items
+    row = items[0, -13:]  # 13 items: segments 0..2 = items 0-3, 4-7, 8-11, recent = item 12
+    assert segs[0, 0, :3].tolist() == [-1, -1, -1] and torch.equal(context_items_decoded(segs[0, 1, :3]), row[1:4])
+    assert (segs[0, 1, :3] <= -2).all()
+    assert torch.equal(context_items_decoded(recent[0, -4:]), row[9:13]) and recent[0, -1] == row[12]
+    assert (recent[0, -4:-1] <= -2).all() and recent[0, :3].tolist() == [-1, -1, -1]
+    assert recent[1, -2:].tolist() == items[1, -2:].tolist() and (recent[1, :-2] == -1).all()
+
+
+def test_comeir_training_forward_equals_the_serving_forward():
+    """The training pass encodes all segments and the recent segment in ONE lookup pass; given the same memory, its
+    prediction equals level_logits from a stored memory, and its segment vectors equal those encoded alone."""
+    from comeir_dist.model.pref_memory import MemoryBatch
+
+    m = tiny_model(host="comeir", seg=4).eval()
+    assert m.context_items == 2  # max(largest inter order 3 - 1, window 3 - 1)
+    items, target = archives([25, 13, 3]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        mem, mmask, recent, _ = m.compress(items)
+        segs, _, own = m._split(items)
+        b, k, w = segs.shape
+        vecs, predict = m._prepare(segs.reshape(b * k, w), MemoryBatch(recent, target))
+        logits, codes = predict(mem, mmask)
+        served = m.level_logits(MemoryBatch(recent, target, mem, mmask), m.catalog.item_codes(target))
+        alone = m.segment_vectors(segs.reshape(b * k, w))
+    assert torch.allclose(vecs, alone, atol=1e-6)
+    for a, c in zip(logits, served):
+        assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_comeir_memory_decode_matches_teacher_forcing():
+    from comeir_dist.model.pref_memory import MemoryBatch
+    from tests.fixtures import assert_decode_matches_teacher_forcing
+
+    m = tiny_model(host="comeir", seg=4).eval()
+    items, target = archives([25, 9, 2]), torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        mem, mmask, recent, _ = m.compress(items)
+    assert_decode_matches_teacher_forcing(m, MemoryBatch(recent, target, mem, mmask))
+    assert_decode_matches_teacher_forcing(m, HistoryBatch(items, target))  # memory compressed inside
