@@ -1,5 +1,6 @@
 """Rec2PM preference memory (``model.pref_memory``) trained on 1 and 2 gloo ranks: the same losses and validation
-metrics for every host (tm, sasrec, comeir: sharded Engram tables, one lookup pass per forward), and the 2-rank best/ evaluates identically in one process.
+metrics for every host (tm, sasrec, comeir: sharded Engram tables, one lookup pass per forward), and the 2-rank
+best/ evaluates identically in one process.
 
 Histories of up to 12 training items in segments of 3: the two ranks' halves of the uneven global batch (13 = 7 +
 6) hold different numbers of complete segments, so the ranks run global / local passes of different sizes in the
