@@ -1,6 +1,7 @@
 """Rec2PM preference memory on tm (model/pref_memory.py, train/archive_samples.py, eval/memory_store.py)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,11 @@ def test_archive_history_matches_prefixes():
     assert row.tolist() == [-1, -1, 3, 4, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("host", HOSTS)
+SLOW = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("COMEIR_SLOW_TESTS") != "1",
+                                             reason="ComeIR's overfit run takes ~40 s: set COMEIR_SLOW_TESTS=1")]
+
+
+@pytest.mark.parametrize("host", ["tm", "sasrec", pytest.param("comeir", marks=SLOW)])
 def test_overfit_tiny_long_histories(host):
     m = tiny_model("overwrite", tokens=2, seg=4, host=host)
     rng = np.random.default_rng(0)
