@@ -15,7 +15,10 @@ def plot_results(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = sorted({r["label"] for r in rows})
-    colours = plt.get_cmap("tab10")
+    # distinct colours and line styles: a table quickly holds more settings than a 10-colour map
+    n_colours = 10 if len(labels) <= 10 else 20
+    colours = plt.get_cmap("tab10" if n_colours == 10 else "tab20")
+    styles = ["-", "--", ":"]
     for i, label in enumerate(labels):
         rs = [r for r in rows if r["label"] == label]
         test = statistics.fmean(r["metrics"]["item/ndcg@10"] for r in rs)
@@ -26,8 +29,9 @@ def plot_results(rows: list[dict], path: Path) -> None:
         for j, r in enumerate(rs):
             per_step = r["train"]["batch_size"] / max(1, r.get("train_samples") or _samples(r))
             xs = [v["step"] * per_step for v in r["validation"]]
-            ax.plot(xs, [v["item/ndcg@10"] for v in r["validation"]], color=colours(i % 10), marker=".",
-                    alpha=1.0 if j == 0 else 0.5, label=name if j == 0 else None)
+            ax.plot(xs, [v["item/ndcg@10"] for v in r["validation"]], color=colours(i % n_colours), marker=".",
+                    ls=styles[(i // n_colours) % len(styles)], alpha=1.0 if j == 0 else 0.5,
+                    label=name if j == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation item NDCG@10 (all users)")
     ax.grid(alpha=0.3)
