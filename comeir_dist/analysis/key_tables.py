@@ -16,16 +16,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from comeir_dist.errors import UserError
 
 
 def key_table_report(cfg) -> dict:
     """Per table and per (memory, level, order) group: rows, rows addressed, occupancy, private share."""
-    from comeir_dist.data.dataset import read_split
     from comeir_dist.model.factory import build_model
     from comeir_dist.model.key_support import row_support
+    from comeir_dist.train.samples import train_sequences
     from comeir_dist.train.setup import load_inputs
 
     if cfg.model.variant != "comeir":
@@ -33,7 +31,7 @@ def key_table_report(cfg) -> dict:
     t0 = time.time()
     sids, emb = load_inputs(cfg)
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
-    seqs = [np.asarray(s, dtype=np.int64) for s in read_split(cfg.dataset, "train").column("items").to_pylist()]
+    seqs = train_sequences(cfg.dataset)
     support = row_support(model, seqs, cap=2)
     tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0})
     for idx in model.lookup.index.values():

@@ -207,6 +207,18 @@ class EngramKeyBatch:
         self._requests.append(_Request(names, starts, shape))
         return len(self._requests) - 1
 
+    def addressed_rows(self):
+        """``(table name, row ids, valid, request shape)`` of every head of every request, in ``add_*`` order
+        (ids are ``[prod(shape)]``, flattened from the request's shape)."""
+        ids = {n: torch.cat(v) for n, v in self._ids.items()}
+        valid = {n: torch.cat(v) for n, v in self._valid.items()}
+        for r in self._requests:
+            n = 1
+            for x in r.shape:
+                n *= x
+            for name, st in zip(r.names, r.starts):
+                yield name, ids[name][st:st + n], valid[name][st:st + n], r.shape
+
     @property
     def stride(self) -> int:
         return max([1, *self._count.values()])

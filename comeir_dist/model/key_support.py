@@ -25,43 +25,45 @@ import numpy as np
 import torch
 
 from comeir_dist.model.comeir_encoder import history_units
+from comeir_dist.train.samples import pad_left
 
 
-def row_support(model, sequences: list[np.ndarray], batch_users: int = 256, cap: int = 127) -> dict[str, torch.Tensor]:
+def row_support(model, sequences: list, batch_users: int = 256, cap: int = 127) -> dict[str, torch.Tensor]:
     """Distinct users per row (capped at ``cap``), ``{table name: int16 [rows]}``, of every Engram table the
-    encoder addresses when it reads ``sequences`` (one item-index array per user)."""
+    encoder addresses when it reads ``sequences`` (one item-index list or array per user)."""
     lookup = model.lookup
     support = {s.name: torch.zeros(s.rows, dtype=torch.int16)
                for idx in lookup.index.values() for s in idx.specs}
-    for start in range(0, len(sequences), batch_users):
-        chunk = [np.asarray(s, dtype=np.int64) for s in sequences[start:start + batch_users]]
-        width = max([1, *(len(s) for s in chunk)])
-        items = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for i, s in enumerate(chunk):
-            if len(s):
-                items[i, width - len(s):] = torch.as_tensor(s)
-        codes = model.catalog.item_codes(items)
-        mask = items >= 0
-        units = history_units(codes, model.levels, model.codebook_size, model.d_max)
-        lp = lookup.new_pass()
-        model.encoder.request(lp, codes, mask, units)
-        for batch in lp.batches.values():
-            ids = {n: torch.cat(v) for n, v in batch._ids.items()}
-            valid = {n: torch.cat(v) for n, v in batch._valid.items()}
-            for req in batch._requests:
-                n = int(np.prod(req.shape))
-                per_user = n // req.shape[0]
-                owner = torch.arange(n) // per_user  # requests are [users, positions, ...]
-                for name, st in zip(req.names, req.starts):
-                    ok = valid[name][st:st + n].cpu()
-                    rows = ids[name][st:st + n].cpu()[ok]
-                    pairs = torch.unique(rows * len(chunk) + owner[ok])  # distinct (row, user) of this chunk
-                    r, c = torch.unique(pairs // len(chunk), return_counts=True)
-                    support[name][r] = (support[name][r].int() + c).clamp(max=cap).to(torch.int16)
+    installed = {g: idx.row_filter for g, idx in lookup.index.items()}
+    for idx in lookup.index.values():  # count every key, also those an installed filter would empty
+        idx.row_filter = None
+    try:
+        _count(model, sequences, support, batch_users, cap)
+    finally:
+        for g, idx in lookup.index.items():
+            idx.row_filter = installed[g]
     return support
 
 
-def install_key_filter(model, sequences: list[np.ndarray], min_users: int) -> dict[str, float]:
+def _count(model, sequences: list, support: dict, batch_users: int, cap: int) -> None:
+    lookup = model.lookup
+    for start in range(0, len(sequences), batch_users):
+        chunk = [np.asarray(q).tolist() for q in sequences[start:start + batch_users]]  # lists or arrays
+        items = torch.as_tensor(pad_left(chunk, max([1, *(len(s) for s in chunk)])))
+        codes = model.catalog.item_codes(items)
+        units = history_units(codes, model.levels, model.codebook_size, model.d_max)
+        lp = lookup.new_pass()
+        model.encoder.request(lp, codes, items >= 0, units)
+        for batch in lp.batches.values():
+            for name, ids, valid, shape in batch.addressed_rows():  # encoder requests are [users, positions, ...]
+                owner = torch.arange(ids.numel()) // (ids.numel() // shape[0])
+                ok = valid.cpu()
+                pairs = torch.unique(ids.cpu()[ok] * len(chunk) + owner[ok])  # distinct (row, user) of this chunk
+                r, c = torch.unique(pairs // len(chunk), return_counts=True)
+                support[name][r] = (support[name][r].int() + c).clamp(max=cap).to(torch.int16)
+
+
+def install_key_filter(model, sequences: list, min_users: int) -> dict[str, float]:
     """Compute the support of ``model``'s Engram rows from ``sequences`` and make every key whose row has fewer
     than ``min_users`` users an empty bag (``EngramIndex.row_filter``). Returns the live fraction of the rows
     each group's requests touched (for the log)."""

@@ -274,7 +274,8 @@ class PreferenceMemory:
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
             segments, recent, own = self._split(batch.items)
             b, k, seg = own.shape
-            vecs, predict = self._prepare(segments.reshape(b * k, segments.shape[-1]), MemoryBatch(recent, batch.target))
+            rb = MemoryBatch(recent, batch.target)
+            vecs, predict = self._prepare(segments.reshape(b * k, segments.shape[-1]), rb)
             vecs = vecs.reshape(b, k, seg, self.q_mem.shape[1])
             seg_valid = own >= 0
             present = seg_valid[:, :, 0]
@@ -293,7 +294,7 @@ class PreferenceMemory:
                 # like L_AR -- a per-sample mean is the same loss however the batch is split over ranks
                 per_sample = (err * valid).sum(-1) / valid.sum(-1).clamp(min=1)
                 l_con = per_sample.mean()
-        l_ar = self._ar_loss(out, MemoryBatch(recent, batch.target))
+        l_ar = self._ar_loss(out, rb)
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con
 

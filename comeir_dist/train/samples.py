@@ -18,10 +18,15 @@ def pad_left(seqs: list[list[int]], width: int) -> np.ndarray:
     return out
 
 
+def train_sequences(dataset_dir) -> list[list[int]]:
+    """Every user's training items (``train.parquet``), oldest first."""
+    return read_split(dataset_dir, "train").column("items").to_pylist()
+
+
 def training_samples(dataset_dir, max_history: int) -> tuple[np.ndarray, np.ndarray]:
     """Every prefix of every user's training items: (history [S, N], target [S])."""
     hist, tgt = [], []
-    for seq in read_split(dataset_dir, "train").column("items").to_pylist():
+    for seq in train_sequences(dataset_dir):
         for j in range(1, len(seq)):
             hist.append(seq[max(0, j - max_history):j])
             tgt.append(seq[j])

@@ -49,9 +49,9 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
     from comeir_dist.parallel.engram_tables import shard_engram_tables
 
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
-    if hasattr(model, "tables") and cfg.engram.min_key_users > 1:
-        install_training_key_filter(model, cfg)
     if hasattr(model, "tables"):
+        if cfg.engram.min_key_users > 1:  # before sharding: the filter acts on the keys, not on the tables
+            install_training_key_filter(model, cfg)
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
                             grad_scale=grad_scale, init_seed=init_seed,
                             pipelined=cfg.parallel.pipeline_lookups)
@@ -65,12 +65,11 @@ def install_training_key_filter(model, cfg: RunConfig) -> None:
     """``engram.min_key_users``: live Engram rows from the users' training sequences (model/key_support.py)."""
     import time
 
-    from comeir_dist.data.dataset import read_split
     from comeir_dist.model.key_support import install_key_filter
+    from comeir_dist.train.samples import train_sequences
 
     t0 = time.time()
-    seqs = [np.asarray(s, dtype=np.int64) for s in read_split(cfg.dataset, "train").column("items").to_pylist()]
-    live = install_key_filter(model, seqs, cfg.engram.min_key_users)
+    live = install_key_filter(model, train_sequences(cfg.dataset), cfg.engram.min_key_users)
     log.info("engram.min_key_users=%d: live share of the addressed rows per group %s (%.1f s)",
              cfg.engram.min_key_users, {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
 

@@ -87,6 +87,14 @@ def test_trained_run_evaluates_the_same_after_reload(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     rep = run_evaluate(str(run / "best"), "valid", str(tmp_path / "valid.json"))
     assert rep["metrics"]["item/ndcg@10"] == pytest.approx(summary["best_valid_ndcg@10"], abs=1e-9)
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+
+    model = load_model_from_checkpoint(run / "best")[0]  # the loader installed the same filter again
+    support = row_support(model, [np.asarray(s) for s in read_split(ds, "train").column("items").to_pylist()])
+    for idx in model.lookup.index.values():
+        assert idx.row_filter is not None
+        for s in idx.specs:
+            assert torch.equal(idx.row_filter[s.name].cpu(), support[s.name] >= 2)
 
 
 def test_analyze_keys_cli(tiny, tmp_path):
