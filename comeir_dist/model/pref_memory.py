@@ -137,9 +137,11 @@ class PreferenceMemory:
     """The Rec2PM machinery shared by every host model (tm: :class:`PrefMemoryTM`, item-ID SASRec:
     :class:`PrefMemorySASRec`, comeir: :class:`PrefMemoryComeIR`). The host is an ``nn.Module`` with ``backbone``
     and provides ``item_vectors(items [R, N]) -> [R, N, d]`` (one input vector per item position) and
-    ``_prepare(segments [R, context + seg], recent: MemoryBatch) -> (segment vectors [R, seg, d],
-    predict(memory, memory_mask) -> out)`` plus ``_ar_loss(out, batch)``. ``context_items``: items before every
-    segment the host's item vectors need (comeir: its n-gram keys and window; 0 for tm / sasrec)."""
+    ``_ar_forward(batch)``, or overrides ``_prepare(segments [R, context + seg], recent: MemoryBatch) -> (segment
+    vectors [R, seg, d], predict(memory, memory_mask) -> out)`` (comeir: one lookup pass for both); ``_ar_loss(out,
+    batch)`` is the SID loss unless the host overrides it.
+    ``context_items``: items before every segment the host's item vectors need (comeir: its n-gram keys and window;
+    0 for tm / sasrec)."""
 
     context_items = 0
 
@@ -257,18 +259,27 @@ class PreferenceMemory:
         return mem, mmask, recent, stacked
 
     # ---- inputs of the prediction pass ---------------------------------------------------------------------
-    def memory_inputs(self, batch: HistoryBatch):
-        """(backbone inputs ``[mem_in(M); recent items]``, their mask, the recent item vectors): M from the batch
-        (stored memories, :class:`MemoryBatch`) or compressed from its archive."""
+    def memory_of(self, batch: HistoryBatch):
+        """(M, its mask, recent segment): stored in the batch (:class:`MemoryBatch`) or compressed from its archive."""
         if getattr(batch, "memory", None) is not None:
-            mem, mmask, recent = batch.memory, batch.memory_mask, batch.items
-        else:
-            mem, mmask, recent, _ = self.compress(batch.items)
+            return batch.memory, batch.memory_mask, batch.items
+        return self.compress(batch.items)[:3]
+
+    def memory_inputs(self, batch: HistoryBatch):
+        """(backbone inputs ``[mem_in(M); recent items]``, their mask, the recent item vectors)."""
+        mem, mmask, recent = self.memory_of(batch)
         items = self.segment_vectors(recent)
         x = torch.cat([self.mem_in(mem.to(items.dtype)), items], dim=1)
         return x, torch.cat([mmask, recent[:, self.context_items:] >= 0], dim=1), items
 
     # ---- training: self-referential teacher forcing ----------------------------------------------------------
+    def _ar_loss(self, out, batch: "MemoryBatch") -> torch.Tensor:
+        """L_AR of the SID hosts (tm, comeir): ``out = (level logits, target codes)``; sasrec overrides it."""
+        from comeir_dist.model.loss import constrained_sid_loss
+
+        logits, codes = out
+        return constrained_sid_loss(logits, codes, self.trie)
+
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
         pm = self.pm
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -318,12 +329,6 @@ class PrefMemoryTM(PreferenceMemory, GenerativeBaseline):
     def _ar_forward(self, batch: MemoryBatch):
         codes = self.catalog.item_codes(batch.target)
         return self.level_logits(batch, codes), codes
-
-    def _ar_loss(self, out, batch: MemoryBatch) -> torch.Tensor:
-        from comeir_dist.model.loss import constrained_sid_loss
-
-        logits, codes = out
-        return constrained_sid_loss(logits, codes, self.trie)
 
 
 class PrefMemorySASRec(PreferenceMemory, SASRecModel):
@@ -386,10 +391,7 @@ class PrefMemoryComeIR(PreferenceMemory, ComeIRModel):
         return dict(enc, h=h[:, -1])
 
     def _encode(self, batch: HistoryBatch, extra_requests=None):
-        if getattr(batch, "memory", None) is not None:
-            mem, mmask, recent = batch.memory, batch.memory_mask, batch.items
-        else:
-            mem, mmask, recent, _ = self.compress(batch.items)
+        mem, mmask, recent = self.memory_of(batch)
         enc = self.encoder_pass(context_items_decoded(recent), extra_requests)  # the head sees the context too
         return self._with_memory(enc, mem, mmask, recent)
 
@@ -409,12 +411,6 @@ class PrefMemoryComeIR(PreferenceMemory, ComeIRModel):
             return logits, codes
 
         return vecs, predict
-
-    def _ar_loss(self, out, batch: MemoryBatch) -> torch.Tensor:
-        from comeir_dist.model.loss import constrained_sid_loss
-
-        logits, codes = out
-        return constrained_sid_loss(logits, codes, self.trie)
 
 
 def build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device="cpu") -> nn.Module:
