@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,10 @@ class GlobalPassActivations:
 
 def _layers_heads(bb) -> tuple[int, int]:
     """(layers, attention heads) of ``model.backbone``: its sizes, or the HF config it names."""
-    conf = None
-    if bb.path and Path(bb.path).is_dir():
-        from transformers import AutoConfig
+    if bb.path or bb.config_file:
+        from comeir_dist.parallel.memory_plan import backbone_hf_config
 
-        conf = AutoConfig.from_pretrained(bb.path, local_files_only=True)
-    elif bb.config_file:
-        from comeir_dist.model.backbone import load_config_file
-
-        conf = load_config_file(bb.config_file)
-    if conf is not None:
+        conf = backbone_hf_config(bb)[0]
         return int(conf.num_hidden_layers), int(conf.num_attention_heads)
     return int(bb.num_layers), int(bb.num_heads)
 

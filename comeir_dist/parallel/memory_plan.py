@@ -109,6 +109,23 @@ def _count(module, skip: str = "tables.") -> tuple[int, int]:
     return sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad)
 
 
+def backbone_hf_config(bb):
+    """(transformers config, config key, origin note) of a ``model.backbone`` with ``path`` or ``config_file``:
+    the local checkpoint's ``config.json``, else the config file; a ``path`` that is not a local directory without
+    a ``config_file`` is an error (nothing is downloaded)."""
+    from comeir_dist.model.backbone import load_config_file, resolve_config_file
+
+    if bb.path and Path(bb.path).is_dir():
+        from transformers import AutoConfig
+
+        return (AutoConfig.from_pretrained(bb.path, local_files_only=True), "model.backbone.path",
+                f", backbone config of {bb.path}")
+    if bb.config_file:
+        return (load_config_file(bb.config_file), "model.backbone.config_file",
+                f", backbone from config_file {resolve_config_file(bb.config_file)}")
+    raise UserError(f"model.backbone.path: {bb.path} is not a local directory (nothing is downloaded)")
+
+
 def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> DenseCount:
     """Build the configured model with every parameter on the meta device (Engram tables on
     ``sparse_device="meta"``, fake codes/codebooks/item embeddings of the configured shape) and count
@@ -121,7 +138,7 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
     """
     import numpy as np
 
-    from comeir_dist.model.backbone import backbone_from_config, load_config_file, resolve_config_file
+    from comeir_dist.model.backbone import backbone_from_config
     from comeir_dist.model.factory import build_model
 
     L, C = run_cfg.engram.levels, run_cfg.engram.codebook_size
@@ -139,17 +156,7 @@ def count_dense_params(run_cfg, item_emb_dim: int = 384, num_items: int = 0) -> 
     cfg = run_cfg
     origin = ""
     if bb.path or bb.config_file:
-        if bb.path and Path(bb.path).is_dir():
-            from transformers import AutoConfig
-
-            hf_conf = AutoConfig.from_pretrained(bb.path, local_files_only=True)
-            key, origin = "model.backbone.path", f", backbone config of {bb.path}"
-        elif bb.config_file:
-            hf_conf = load_config_file(bb.config_file)
-            key = "model.backbone.config_file"
-            origin = f", backbone from config_file {resolve_config_file(bb.config_file)}"
-        else:
-            raise UserError(f"model.backbone.path: {bb.path} is not a local directory (nothing is downloaded)")
+        hf_conf, key, origin = backbone_hf_config(bb)
         with _params_on_meta():
             hf = backbone_from_config(hf_conf, key=key)
         small = bb.model_copy(update={"path": None, "config_file": None, "hidden_size": int(hf_conf.hidden_size),
