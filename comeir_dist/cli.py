@@ -110,6 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from comeir_dist.cli_scaling import add_scaling_command
     from comeir_dist.cli_analyze import add_analyze_command
     from comeir_dist.cli_memory import add_memory_commands
+    from comeir_dist.cli_recipe import add_recipe_command
 
     add_model_commands(sub)
     add_plan_command(sub)
@@ -117,6 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_scaling_command(sub)
     add_analyze_command(sub)
     add_memory_commands(sub)
+    add_recipe_command(sub)
     return ap
 
 

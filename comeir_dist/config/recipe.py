@@ -1,0 +1,164 @@
+"""`comeir recipe`: an experiment config derived from a prepared dataset's statistics (a recipe that transfers).
+
+The fair protocol of ``configs/experiment_cpu.yaml`` (train until validation stops improving, plateau halving,
+all validation users) is dataset-independent; what is not are the sizes hand-set for the bundled data. This
+module derives them from the numbers a dataset has -- training samples, users, the length distribution of the
+histories -- with one stated rule per setting, so a user's first run on their own data is sized for that data:
+
+* ``max_history``: the history length that covers ``HISTORY_QUANTILE`` of the users' full test histories,
+  rounded up to 10, at least ``HISTORY_FLOOR``, at most ``history_cap`` (default 50: flatten feeds 3 tokens per
+  item, so its input grows 3x; longer pasts are the preference memory's job, ``model.pref_memory``).
+* ``model.backbone.max_positions``: flatten's ``L * max_history + L + 1`` plus L NEZHA placeholders, rounded up
+  to 32 (rotary positions: no parameters depend on it).
+* ``train.batch_size``: the largest power of two <= 256 that still gives ``MIN_STEPS_PER_EPOCH`` optimizer
+  steps per epoch (at least 16): small data gets more, smaller updates instead of a handful per epoch.
+* ``train.lr``: 2e-3 at batch 256, scaled by sqrt(batch / 256) (Adam's usual square-root rule).
+* ``train.warmup_steps``: 0.4 epoch (50 steps on the bundled data), rounded to 10, clamped to [10, 1000].
+* validation every 0.5 epoch with patience 4 (2 epochs) when an epoch has >= ``MIN_STEPS_PER_EPOCH`` steps,
+  else every epoch with patience 2 -- the same 2-epoch patience in both cases; all validation users
+  (``eval_users: null``, the protocol; the experiment table reports the standard error).
+* The model (backbone, Engram sizes) stays the CPU experiment's: on the bundled data 4x larger tables (the
+  paper's s_S 1, s_T 2, d_m 256) did not change test NDCG@10 (README); check the tables against the data's
+  keys with ``comeir analyze keys --config THE_RECIPE.yaml`` (occupancy, private rows).
+
+On the bundled data the recipe reproduces ``configs/experiment_cpu.yaml`` (max_history 20, batch 256, lr 2e-3,
+warm-up 50; positions 96 instead of 128).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from comeir_dist.errors import UserError
+
+HISTORY_QUANTILE = 0.95
+HISTORY_FLOOR = 20
+HISTORY_CAP = 50
+MIN_STEPS_PER_EPOCH = 100
+BASE_BATCH, BASE_LR = 256, 2e-3
+MIN_BATCH = 16
+WARMUP_EPOCHS = 0.4
+# the file's first line; `comeir recipe` replaces only files that start with it (or with --overwrite)
+MARKER = "# written by `comeir recipe`"
+
+
+@dataclass(frozen=True)
+class DatasetProfile:
+    """What the recipe reads from a prepared dataset."""
+
+    dataset: str
+    users: int
+    items: int
+    train_samples: int
+    valid_users: int
+    history_p50: float
+    history_p95: float
+    history_max: int
+    sid_method: str
+
+
+def _sid_method(dataset_dir: Path) -> str:
+    from comeir_dist.data.schema import sids_dir
+
+    for method in ("rqkmeans", "rqvae"):
+        if (sids_dir(dataset_dir, method) / "codes.parquet").is_file():
+            return method
+    raise UserError(f"{dataset_dir}/sids: no semantic IDs (run `comeir quantize --dataset {dataset_dir} --method "
+                    f"rqkmeans` first)")
+
+
+def dataset_profile(dataset_dir: str | Path) -> DatasetProfile:
+    """Users, items, training samples and the distribution of full test-history lengths of a prepared dataset."""
+    import pyarrow.compute as pc
+
+    from comeir_dist.data.dataset import read_split, read_stats
+    from comeir_dist.train.samples import require_training_samples
+
+    stats = read_stats(dataset_dir)
+    test = read_split(dataset_dir, "test")
+    if test.num_rows == 0:
+        raise UserError(f"{dataset_dir}/test.parquet: no users")
+    lengths = pc.list_value_length(test.column("history")).to_numpy(zero_copy_only=False)
+    return DatasetProfile(dataset=str(dataset_dir), users=int(stats["users"]), items=int(stats["items"]),
+                          train_samples=require_training_samples(dataset_dir),
+                          valid_users=read_split(dataset_dir, "valid").num_rows,
+                          history_p50=float(np.percentile(lengths, 50)),
+                          history_p95=float(np.percentile(lengths, 100 * HISTORY_QUANTILE)),
+                          history_max=int(lengths.max()), sid_method=_sid_method(Path(dataset_dir)))
+
+
+def _round_up(x: float, step: int) -> int:
+    return int(math.ceil(x / step) * step)
+
+
+def derive_recipe(profile: DatasetProfile, base: dict, history_cap: int = HISTORY_CAP,
+                  out: str | None = None) -> tuple[dict, list[str]]:
+    """(config dict = ``base`` with the derived keys replaced, one 'key: value -- why' line per derived key)."""
+    if history_cap < 1:
+        raise UserError(f"--history-cap {history_cap}: must be >= 1")
+    cfg = {**base, "engram": dict(base.get("engram", {})), "train": dict(base.get("train", {})),
+           "model": {**base.get("model", {}), "backbone": dict(base.get("model", {}).get("backbone", {}))}}
+    why: list[str] = []
+    levels = int(cfg["engram"].get("levels", 3))
+
+    hist = min(history_cap, max(HISTORY_FLOOR, _round_up(profile.history_p95, 10)))
+    why.append(f"max_history: {hist} -- {HISTORY_QUANTILE:.0%} of test histories have <= "
+               f"{profile.history_p95:g} items (median {profile.history_p50:g}, max {profile.history_max}); "
+               f"rounded up to 10, floor {HISTORY_FLOOR}, cap {history_cap}")
+    positions = _round_up(levels * hist + 2 * levels + 1, 32)
+    why.append(f"model.backbone.max_positions: {positions} -- flatten's {levels} x {hist} tokens + {levels} SID "
+               f"positions + BOS + {levels} NEZHA placeholders, rounded up to 32")
+
+    batch = BASE_BATCH
+    while batch > MIN_BATCH and profile.train_samples / batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    steps = profile.train_samples / batch
+    why.append(f"train.batch_size: {batch} -- {profile.train_samples:,} training samples = {steps:.0f} steps per "
+               f"epoch (largest power of two <= {BASE_BATCH} with >= {MIN_STEPS_PER_EPOCH} steps, floor {MIN_BATCH})")
+    lr = float(f"{BASE_LR * math.sqrt(batch / BASE_BATCH):.3g}")
+    why.append(f"train.lr: {lr:g} -- {BASE_LR:g} at batch {BASE_BATCH}, scaled by sqrt(batch / {BASE_BATCH})")
+    warmup = min(1000, max(10, int(round(WARMUP_EPOCHS * steps / 10.0)) * 10))
+    why.append(f"train.warmup_steps: {warmup} -- {WARMUP_EPOCHS} epoch, rounded to 10, within [10, 1000]")
+    every, patience = (0.5, 4) if steps >= MIN_STEPS_PER_EPOCH else (1.0, 2)
+    why.append(f"train.eval_every_epochs: {every:g}, train.patience: {patience} -- stop after 2 epochs without a "
+               f"better validation NDCG@10 on all {profile.valid_users:,} validation users")
+
+    cfg.update(dataset=profile.dataset, sid_method=profile.sid_method, max_history=hist)
+    if out is not None:
+        cfg["out"] = out
+    cfg["model"]["backbone"]["max_positions"] = positions
+    cfg["train"].update(batch_size=batch, lr=lr, warmup_steps=warmup, eval_every_epochs=every, patience=patience,
+                        eval_users=None, lr_schedule="plateau", max_minutes=None)
+    cfg["train"].setdefault("max_epochs", 30)
+    return cfg, why
+
+
+def recipe_text(cfg: dict, why: list[str], profile: DatasetProfile, base_path: str) -> str:
+    """The YAML file: the marker, the derivations as comments, then the config."""
+    import yaml
+
+    head = [MARKER + f" from {profile.dataset} (base: {base_path}); the derived settings and why:"]
+    head += [f"#   {line}" for line in why]
+    head += ["# everything else is the base config's (the fair protocol). Dataset profile:",
+             "#   " + ", ".join(f"{k} {v}" for k, v in asdict(profile).items() if k != "dataset")]
+    return "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+
+
+def write_recipe(out: str | Path, text: str, overwrite: bool = False) -> None:
+    """Atomically write ``text`` to ``out``; an existing file is replaced only if ``comeir recipe`` wrote it."""
+    from comeir_dist.utils.atomic import atomic_file
+
+    out = Path(out)
+    if out.is_file() and not overwrite:
+        try:
+            first = out.read_text(encoding="utf-8").splitlines()[:1]
+        except (OSError, UnicodeDecodeError):
+            first = []
+        if not first or not first[0].startswith(MARKER):
+            raise UserError(f"{out}: exists and was not written by `comeir recipe`; choose another --out or pass "
+                            f"--overwrite")
+    with atomic_file(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
