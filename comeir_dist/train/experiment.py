@@ -107,15 +107,20 @@ def _size(r: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown: one line per label, test metrics mean ± std over seeds, validation at the best step (± its
-    standard error over users), best step / epoch, minutes to the best validation, memory size."""
+    standard error over users), best step / epoch, minutes to the best validation, memory size; with a
+    ``popular`` row, every label's mean test NDCG@10 as a multiple of the most-popular baseline's (the margin a
+    first run on new data must show)."""
     present = set.intersection(*(set(r["metrics"]) for r in rows)) if rows else set()
     columns = [c for c in COLUMNS if c in present]  # eval.ks decides which @K exist (10 always does)
-    head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns)
-            + " | valid ndcg@10 (± s.e.) | best step (epoch) | min to best | eval ms/user |")
-    lines = [head, "|" + "---|" * (len(columns) + 7)]
     by_label: dict[str, list[dict]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
+    popular = (statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[POPULAR])
+               if POPULAR in by_label else None)
+    ratio_head = " | ndcg@10 / popular" if popular else ""
+    head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns) + ratio_head
+            + " | valid ndcg@10 (± s.e.) | best step (epoch) | min to best | eval ms/user |")
+    lines = [head, "|" + "---|" * (len(columns) + 7 + bool(popular))]
     order = sorted(by_label, key=lambda k: -statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[k]))
     for label in order:
         rs = by_label[label]
@@ -129,6 +134,8 @@ def format_table(rows: list[dict]) -> str:
         be, _ = _mean_std([r["best_epoch"] for r in rs])
         bm, _ = _mean_std([r["best_minutes"] for r in rs])
         ms, _ = _mean_std([r["ms_per_user"] for r in rs])
+        if popular:
+            cells.append(f"{statistics.fmean(r['metrics']['item/ndcg@10'] for r in rs) / popular:.2f}x")
         lines.append(f"| {label} | {_size(rs[0])} | {len(rs)} | " + " | ".join(cells)
                      + f" | {v:.4f} ± {se:.4f} | {bs:.0f} ({be:.2f}) | {bm:.1f} | {ms:.2f} |")
     return "\n".join(lines)

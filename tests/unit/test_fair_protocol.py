@@ -175,6 +175,26 @@ def test_protocol_deviations_and_results_plot(tiny, tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_results_table_means_over_seeds_and_margin_over_popular():
+    from comeir_dist.train.experiment import format_table
+
+    def run(label, variant, ndcg, seed=42):
+        return {"label": label, "variant": variant, "seed": seed, "engram": None,
+                "metrics": {"item/hit@10": 2 * ndcg, "item/ndcg@10": ndcg, "sid/ndcg@10": ndcg},
+                "valid_best": ndcg, "valid_best_se": 0.001, "best_step": 10, "best_epoch": 1.0, "best_minutes": 1.0,
+                "ms_per_user": 1.0}
+
+    rows = [run("tm", "tm", 0.04), run("tm", "tm", 0.06, seed=43), run("popular", "popular", 0.02),
+            run("flatten", "flatten", 0.03)]
+    lines = format_table(rows).splitlines()
+    assert "ndcg@10 / popular" in lines[0] and lines[1].count("---") == lines[0].count(" | ") + 1
+    tm, flatten, popular = lines[2], lines[3], lines[4]  # sorted by mean test NDCG@10
+    assert tm.startswith("| tm | - | 2 | ") and "0.0500 ± 0.0141" in tm and "| 2.50x |" in tm
+    assert "| 1.50x |" in flatten and "| 1.00x |" in popular
+    without = format_table([r for r in rows if r["label"] != "popular"]).splitlines()
+    assert "popular" not in without[0] and without[1].count("---") == without[0].count(" | ") + 1
+
+
 def test_head_without_memory_gradient_leaves_its_rows_to_the_encoder(tiny, tmp_path):
     """model.head_memory_grad=False: the head's reads carry no gradient into the tables (same logits)."""
     from comeir_dist.train.samples import to_batch, training_samples
