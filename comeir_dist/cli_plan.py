@@ -103,7 +103,7 @@ def load_plan_configs(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace):
-    from comeir_dist.parallel.activation_plan import global_pass_activations
+    from comeir_dist.parallel.activation_plan import run_activations
     from comeir_dist.parallel.memory_plan import DenseCount, count_dense_params, plan_memory
 
     cfg, pcfg = load_plan_configs(args)
@@ -116,7 +116,7 @@ def run_plan(args: argparse.Namespace):
     else:
         dense = count_dense_params(cfg, item_emb_dim=args.item_emb_dim, num_items=args.num_items)
     engram = cfg.engram if cfg.model.variant == "comeir" else None
-    acts = global_pass_activations(cfg, int(getattr(pcfg, "world_size", 1)))
+    acts = run_activations(cfg, int(getattr(pcfg, "world_size", 1)), args.num_items or 0)
     return plan_memory(engram, dense, pcfg, device=device, dense_dtype=dense_dtype, balance=args.balance,
                        activations=acts)
 

@@ -112,6 +112,12 @@ class TrainConfig(Section):
                                                "overrides eval_every when set (patience then counts these).")
     max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock training budget; stops at whichever of max_steps/max_minutes comes first.")
     grad_clip: float = Field(1.0, gt=0)
+    sample_mode: Literal["prefix", "sequence"] = Field(
+        "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
+        "(every variant). 'sequence' (sasrec only, with or without pref_memory) = windows of each training sequence "
+        "(max_history items, or pref_memory.archive_items aligned to segments) with the next item at EVERY position "
+        "as target (SASRec's own all-position training; Rec2PM's L_AR over every segment): one sample per window "
+        "instead of one per item, so long histories cost one pass per window, not one per prefix.")
     bf16: bool = Field(False, description="bf16 autocast for the dense part.")
     eval_every: int = Field(500, ge=1, description="Validation NDCG@10 every N steps.")
     eval_users: Optional[int] = Field(2000, ge=1, description="Validation users per check (None = all).")
@@ -176,6 +182,9 @@ class RunConfig(Section):
         if self.model.variant == "flatten" and self.model.backbone.max_positions < need:
             raise ValueError(f"model.backbone.max_positions={self.model.backbone.max_positions} < {need} "
                              f"needed by flatten (L*max_history + L + 1)")
+        if self.train.sample_mode == "sequence" and self.model.variant != "sasrec":
+            raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant must "
+                             f"be sasrec (got {self.model.variant}; the SID variants decode one target per sample)")
         if self.model.backbone.max_positions < self.max_history + 1:
             raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
                              f"({self.model.backbone.max_positions})")

@@ -165,14 +165,18 @@ class PreferenceMemory:
         return vecs, lambda mem, mmask: self._ar_forward(dataclasses.replace(recent, memory=mem, memory_mask=mmask))
 
     def local_pass(self, memory: torch.Tensor, memory_mask: torch.Tensor, seg_vecs: torch.Tensor,
-                   seg_valid: torch.Tensor) -> torch.Tensor:
-        """One memory update per row: ``[mem_in(M); S; Q]`` -> the C query outputs ``[R, C, d]``."""
-        r = seg_vecs.shape[0]
+                   seg_valid: torch.Tensor, item_states: bool = False):
+        """One memory update per row: ``[mem_in(M); S; Q]`` -> the C query outputs ``[R, C, d]`` (and, with
+        ``item_states``, the states at the segment's positions ``[R, seg, d]``: causal, so they never see Q)."""
+        r, seg = seg_vecs.shape[:2]
         x = torch.cat([self.mem_in(memory), seg_vecs, self._queries(r)], dim=1)
         ones = torch.ones(r, self.pm.tokens, dtype=torch.bool, device=x.device)
         mask = torch.cat([memory_mask, seg_valid, ones], dim=1)
         h, _ = run_backbone(self.backbone, x, mask)
-        return h[:, -self.pm.tokens:]
+        queries = h[:, -self.pm.tokens:]
+        if not item_states:
+            return queries
+        return queries, h[:, memory.shape[1]:memory.shape[1] + seg]
 
     def update(self, memory: torch.Tensor, memory_mask: torch.Tensor, seg_items: torch.Tensor) -> torch.Tensor:
         """Serving: the memory block m_k ``[R, C, d]`` written by one completed segment ``[R, context + seg]``."""
@@ -209,9 +213,11 @@ class PreferenceMemory:
         return blocks[:, :h].reshape(b, h * c, d), present[:, :h].repeat_interleave(c, dim=1)
 
     def parallel_updates(self, refs: torch.Tensor, present: torch.Tensor, seg_vecs: torch.Tensor,
-                         seg_valid: torch.Tensor) -> torch.Tensor:
-        """m_h^upd ``[B, K, C, d]`` of every complete segment h from the memory built of ``refs`` (all segments in
-        one batch of B*K rows; append mode left-pads the memories to (K-1)*C masked slots)."""
+                         seg_valid: torch.Tensor, item_states: bool = False):
+        """m_h^upd ``[B, K, C, d]`` of every segment h of ``seg_vecs`` from the memory built of ``refs`` (all segments
+        in one batch of B*K rows; append mode left-pads the memories to (K-1)*C masked slots). ``seg_vecs`` may hold
+        one segment more than ``refs`` (the recent one, in all-position training); ``item_states`` also returns the
+        states at every segment position ``[B, K, seg, d]``."""
         b, k, seg, _ = seg_vecs.shape
         c, d = self.pm.tokens, refs.shape[-1]
         width = c if self.pm.mode == "overwrite" else max(k - 1, 0) * c
@@ -223,8 +229,11 @@ class PreferenceMemory:
             masks.append(torch.cat([mm.new_zeros(b, gap), mm], dim=1))
         mem = torch.stack(mems, 1).reshape(b * k, width, d)
         mmask = torch.stack(masks, 1).reshape(b * k, width)
-        out = self.local_pass(mem, mmask, seg_vecs.reshape(b * k, seg, -1), seg_valid.reshape(b * k, seg))
-        return out.reshape(b, k, c, d)
+        out = self.local_pass(mem, mmask, seg_vecs.reshape(b * k, seg, -1), seg_valid.reshape(b * k, seg),
+                              item_states=item_states)
+        if not item_states:
+            return out.reshape(b, k, c, d)
+        return out[0].reshape(b, k, c, d), out[1].reshape(b, k, seg, -1)
 
     def _split(self, items: torch.Tensor):
         """(segments ``[B, K, context + seg]``, recent ``[B, context + seg]``, segments' own items ``[B, K, seg]``)."""
@@ -280,7 +289,18 @@ class PreferenceMemory:
         logits, codes = out
         return constrained_sid_loss(logits, codes, self.trie)
 
+    def _consistency(self, refs: torch.Tensor, upd: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """L_con: MSE between m_h^upd and m_h^ref of every complete segment with a predecessor; per sample the mean
+        over such segments (0 without), then the mean over samples -- like L_AR, a per-sample mean is the same loss
+        however the batch is split over ranks."""
+        target = refs.detach() if self.pm.stop_grad_refs else refs
+        valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
+        err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
+        return ((err * valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
+
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
+        if batch.target.dim() == 2:
+            return self.sequence_training_loss(batch, bf16)
         pm = self.pm
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
             segments, recent, own = self._split(batch.items)
@@ -297,15 +317,36 @@ class PreferenceMemory:
             out = predict(mem, mmask)
             l_con = refs.new_zeros(())
             if k > 1 and pm.align_weight > 0:
-                upd = self.parallel_updates(ref_in, present, vecs, seg_valid)
-                target = refs.detach() if pm.stop_grad_refs else refs
-                valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
-                err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
-                # per sample: mean over its segments with a predecessor (0 without); then the mean over samples,
-                # like L_AR -- a per-sample mean is the same loss however the batch is split over ranks
-                per_sample = (err * valid).sum(-1) / valid.sum(-1).clamp(min=1)
-                l_con = per_sample.mean()
+                l_con = self._consistency(refs, self.parallel_updates(ref_in, present, vecs, seg_valid), present)
         l_ar = self._ar_loss(out, rb)
+        self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
+        return l_ar + pm.align_weight * l_con
+
+    def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
+        """All-position training (``train.sample_mode: sequence``; hosts with ``sequence_loss``: sasrec): a window
+        ``items [B, A]`` with the next item at every position ``target [B, A]``. The global pass gives m^ref of
+        every complete segment; ONE batch of local passes ``[M^ref_{h-1}; S_h; Q]`` over every segment h, the recent
+        one included, gives both m_h^upd (L_con, as in prefix training) and the causal states at every item
+        position, which score the next item (L_AR over the window). The global pass is causal over segments, so the
+        state at position i equals the prefix sample (window[:i+1], target[i]) of prefix training (tested)."""
+        pm = self.pm
+        with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
+            segments, recent, own = self._split(batch.items)
+            seg_t, recent_t = split_archive(batch.target, pm.segment_items)  # same validity -> same segmentation
+            b, k, seg = own.shape
+            d = self.q_mem.shape[1]
+            vecs = self.segment_vectors(segments.reshape(b * k, segments.shape[-1])).reshape(b, k, seg, d)
+            seg_valid = own >= 0
+            present = seg_valid[:, :, 0]
+            refs = self.global_pass(vecs, seg_valid) if k else self.q_mem.new_zeros(b, 0, pm.tokens, d)
+            ref_in = refs.detach() if pm.stop_grad_ref_inputs else refs
+            all_vecs = torch.cat([vecs, self.segment_vectors(recent).unsqueeze(1)], dim=1)
+            all_valid = torch.cat([seg_valid, (recent[:, self.context_items:] >= 0).unsqueeze(1)], dim=1)
+            upd, states = self.parallel_updates(ref_in, present, all_vecs, all_valid, item_states=True)
+            l_con = (self._consistency(refs, upd[:, :k], present) if k > 1 and pm.align_weight > 0
+                     else refs.new_zeros(()))
+        targets = torch.cat([seg_t, recent_t.unsqueeze(1)], dim=1).reshape(b, -1)
+        l_ar = self.sequence_loss(states.reshape(b, (k + 1) * seg, d), targets, batch.items.shape[1], bf16)
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con
 

@@ -57,9 +57,10 @@ class SASRecModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def user_state(self, batch: HistoryBatch) -> torch.Tensor:
-        """``h_u [B, d]``: the backbone's state at the most recent history item."""
-        x = self.dropout(self.items(batch.items))
-        h, _ = run_backbone(self.backbone, x, batch.mask)
+        """``h_u [B, d]``: the backbone's state at the most recent history item (all-padding leading columns
+        trimmed: a batch of short histories does not pay for max_history)."""
+        (items,) = trim_left_padding(batch.items)
+        h, _ = run_backbone(self.backbone, self.dropout(self.items(items)), items >= 0)
         return h[:, -1]
 
     def item_logits(self, batch: HistoryBatch) -> torch.Tensor:
@@ -68,7 +69,40 @@ class SASRecModel(nn.Module):
 
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
         """Mean next-item cross-entropy over all items (the model-defined loss the training loop runs;
-        see ``parallel.dense.training_loss``). bf16 autocast for the forward, the softmax in fp32."""
+        see ``parallel.dense.training_loss``). bf16 autocast for the forward, the softmax in fp32. A target
+        ``[B, N]`` (``train.sample_mode: sequence``) is the next item at every position (:func:`sequence_loss`)."""
+        if batch.target.dim() == 2:
+            return self.sequence_training_loss(batch, bf16)
         with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = self.item_logits(batch)
         return F.cross_entropy(logits.float(), batch.target)
+
+    def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
+        """All-position training: the causal state at every input position scores the next item."""
+        items, target = trim_left_padding(batch.items, batch.target)
+        with torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=bf16):
+            h, _ = run_backbone(self.backbone, self.dropout(self.items(items)), items >= 0)
+        return self.sequence_loss(h, target, batch.items.shape[1], bf16)
+
+    def sequence_loss(self, h: torch.Tensor, target: torch.Tensor, width: int, bf16: bool = False) -> torch.Tensor:
+        """``h [B, N, d]`` (the state at every input position) vs ``target [B, N]`` (-1 = no target): per sample
+        the SUM of its positions' cross-entropies over all items divided by the window ``width`` (a constant:
+        trimming does not change the loss), then the mean over samples -- positions weigh equally within a batch
+        and, like every loss of the loop, it is a mean over samples, so 1..N ranks compute the same loss. Only the
+        positions with a target are scored (``[P, I]`` logits, not ``[B, N, I]``)."""
+        sel = target >= 0
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = self.items(h[sel], scores=True)
+        ce = F.cross_entropy(logits.float(), target[sel], reduction="none")
+        rows = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(target)[sel]
+        per_sample = ce.new_zeros(target.shape[0]).index_add(0, rows, ce)
+        return (per_sample / width).mean()
+
+
+def trim_left_padding(items: torch.Tensor, *others: torch.Tensor):
+    """Drop the leading columns that are padding in every row (left-padded rows: nothing real moves, positions
+    count real items), so a batch of short windows does not pay for the longest possible one."""
+    real = (items >= 0).any(0)
+    first = int(real.nonzero()[0]) if bool(real.any()) else items.shape[1] - 1
+    return (items[:, first:],) + tuple(o[:, first:] for o in others)
+

@@ -1,4 +1,5 @@
-"""Activations the memory plan cannot cover with its fixed reserve: the Rec2PM global reference pass.
+"""Activations the memory plan cannot cover with its fixed reserve: the Rec2PM global reference pass and
+all-position training (:func:`sequence_activations`); :func:`run_activations` gives those that apply to a run.
 
 With ``model.pref_memory.enabled`` the training step runs one backbone pass over every complete segment of each
 archive, ``T = K (segment_items + tokens)`` positions with ``K = (archive_items - 1) // segment_items`` (the
@@ -28,6 +29,8 @@ class GlobalPassActivations:
     heads: int
     mask_bytes: int
     attention_bytes: int
+
+    remedy = "a shorter model.pref_memory.archive_items (the global pass is quadratic in the archive)"
 
     @property
     def total(self) -> int:
@@ -60,3 +63,67 @@ def global_pass_activations(cfg, world: int) -> GlobalPassActivations | None:
     layers, heads = _layers_heads(cfg.model.backbone)
     elt = 2 if cfg.train.bf16 else 4
     return GlobalPassActivations(t, b, layers, heads, b * t * t, 2 * layers * b * heads * t * t * elt)
+
+
+@dataclass(frozen=True)
+class SequenceActivations:
+    """All-position training (``train.sample_mode: sequence``): per window of W positions the ``[W, I]`` logits
+    over the catalog (fp32 logits, softmax kept for backward, their gradient: 3 x 4 bytes each) and, for plain
+    sasrec, the window's attention (``2 L B H W^2 e``, as the global pass above; with the preference memory the
+    global pass term already covers the long pass and the local passes are short)."""
+
+    window: int  # W
+    micro_batch: int
+    num_items: int
+    logits_bytes: int
+    attention_bytes: int
+
+    remedy = "a shorter window (max_history, or model.pref_memory.archive_items with the memory)"
+
+    @property
+    def total(self) -> int:
+        return self.logits_bytes + self.attention_bytes
+
+    def describe(self) -> str:
+        return (f"all-position training: {self.micro_batch} windows x {self.window} positions x {self.num_items} "
+                f"items: logits {self.logits_bytes / 2**30:.2f} GiB + attention {self.attention_bytes / 2**30:.2f} "
+                f"GiB per rank")
+
+
+def sequence_activations(cfg, world: int, num_items: int) -> SequenceActivations | None:
+    """The all-position estimate for run config ``cfg``; None in prefix mode."""
+    if cfg.train.sample_mode != "sequence":
+        return None
+    pm = cfg.model.pref_memory
+    w = pm.archive_items if pm.enabled else cfg.max_history
+    b = math.ceil(cfg.train.batch_size / cfg.train.grad_accum_steps / max(1, world))
+    attention = 0
+    if not pm.enabled:
+        layers, heads = _layers_heads(cfg.model.backbone)
+        attention = 2 * layers * b * heads * w * w * (2 if cfg.train.bf16 else 4)
+    return SequenceActivations(w, b, int(num_items), 3 * 4 * b * w * int(num_items), attention)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """The estimates that apply to a run, added together to the plan's reserve."""
+
+    parts: tuple
+
+    @property
+    def total(self) -> int:
+        return sum(p.total for p in self.parts)
+
+    def describe(self) -> str:
+        return "; ".join(p.describe() for p in self.parts)
+
+    @property
+    def remedy(self) -> str:
+        return " or ".join(p.remedy for p in self.parts)
+
+
+def run_activations(cfg, world: int, num_items: int = 0) -> Activations | None:
+    """Every activation estimate of this module that applies to ``cfg`` (None when none does)."""
+    parts = tuple(p for p in (global_pass_activations(cfg, world), sequence_activations(cfg, world, num_items))
+                  if p is not None)
+    return Activations(parts) if parts else None

@@ -558,7 +558,8 @@ def plan_memory(engram_cfg: Union[EngramConfig, Sequence[TableSpec], None], dens
     device_memory_gib (None = detected), reserve_gib, headroom, and ``device`` if present (else the ``device``
     argument, else the machine's). ``table_dtype`` defaults to ``engram_cfg.table_dtype``; ``dense_dtype`` is
     the engine's precision: "bf16" when ``train.bf16``, else "fp32". ``activations``: an
-    :class:`~comeir_dist.parallel.activation_plan.GlobalPassActivations` (or None) added to every rank's reserve.
+    activation estimate (``total``, ``describe()``; :func:`~comeir_dist.parallel.activation_plan.run_activations`) or None,
+    added to every rank's reserve.
     """
     if pcfg is None:
         from comeir_dist.config.parallel import ParallelConfig
@@ -601,8 +602,8 @@ def plan_memory(engram_cfg: Union[EngramConfig, Sequence[TableSpec], None], dens
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(specs, dense, st, plan)
         if act > st.reserve - act:  # the archive-quadratic term dominates the reserve: say how to shrink it
-            plan.suggestions.insert(0, f"more train.grad_accum_steps or a shorter model.pref_memory.archive_items "
-                                       f"(the Rec2PM global pass needs {_gib(act)}/rank, quadratic in the archive)")
+            plan.suggestions.insert(0, f"more train.grad_accum_steps or {activations.remedy} ({_gib(act)}/rank of "
+                                       f"activations: {activations.describe()})")
     return plan
 
 

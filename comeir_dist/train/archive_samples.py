@@ -76,9 +76,14 @@ def archive_split_samples(dataset_dir, split: str, archive_items: int, seg: int)
 
 
 def run_training_samples(cfg):
-    """The training samples of a run: archives with ``model.pref_memory.enabled``, else the last max_history."""
+    """The training samples of a run: all-position windows with ``train.sample_mode: sequence``
+    (train/sequence_samples.py), archives with ``model.pref_memory.enabled``, else the last max_history."""
     from comeir_dist.train.samples import training_samples
 
+    if cfg.train.sample_mode == "sequence":
+        from comeir_dist.train.sequence_samples import sequence_training_samples
+
+        return sequence_training_samples(cfg)
     pm = cfg.model.pref_memory
     if pm.enabled:
         return archive_training_samples(cfg.dataset, pm.archive_items, pm.segment_items)

@@ -82,7 +82,7 @@ def dense_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def check_memory_plan(cfg: RunConfig, world: int, device: str, num_items: int = 0, item_emb_dim: int = 384):
     """The ``comeir plan`` check for this run on ``world`` ranks: raises UserError (the plan's message)
     before anything big is allocated when a rank cannot hold its table shards + dense ZeRO share."""
-    from comeir_dist.parallel.activation_plan import global_pass_activations
+    from comeir_dist.parallel.activation_plan import run_activations
     from comeir_dist.parallel.memory_plan import check_plan_fits, count_dense_params
 
     if not cfg.train.check_memory:
@@ -91,4 +91,4 @@ def check_memory_plan(cfg: RunConfig, world: int, device: str, num_items: int = 
     dense = count_dense_params(cfg, item_emb_dim=item_emb_dim, num_items=num_items)
     engram = cfg.engram if cfg.model.variant == "comeir" else None
     return check_plan_fits(engram, dense, pcfg, device=device, dense_dtype="bf16" if cfg.train.bf16 else "fp32",
-                           activations=global_pass_activations(cfg, world))
+                           activations=run_activations(cfg, world, num_items))

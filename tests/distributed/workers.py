@@ -12,12 +12,13 @@ K = 3  # steps per half run; full runs have 2K steps and a step checkpoint every
 SHAPES = {"table_wise": (13, 11, 5), "row_wise": (71, 16, 16), "column_wise": (32, 11, 5)}
 
 
-def run_config(ds: str, out: str, sharding: str, world: int, train: dict | None = None, **parallel):
+def run_config(ds: str, out: str, sharding: str, world: int, train: dict | None = None, variant: str = "comeir",
+               **parallel):
     from tests.fixtures import tiny_run_config
 
     batch, users, eval_batch = SHAPES[sharding]
     t = {"max_steps": 2 * K, "eval_every": 2 * K, "log_every": 1, "eval_users": users, "batch_size": batch}
-    cfg = tiny_run_config(Path(ds), Path(out), **{**t, **(train or {})})
+    cfg = tiny_run_config(Path(ds), Path(out), variant=variant, **{**t, **(train or {})})
     cfg.eval.batch_size = eval_batch
     p = cfg.parallel
     p.sharding, p.world_size, p.checkpoint_every, p.keep_checkpoints = sharding, world, K, 2
@@ -55,7 +56,7 @@ def train_jobs(rank: int, world: int, jobs: list[dict], then=None) -> None:
                 copy_until(Path(c["src"]), Path(job["out"]), c["step"], c.get("partial"))
             dist.barrier()
         cfg = run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
-                         **job.get("parallel", {}))
+                         variant=job.get("model", {}).get("variant", "comeir"), **job.get("parallel", {}))
         for k, v in job.get("engram", {}).items():
             setattr(cfg.engram, k, v)
         train(cfg)
@@ -172,7 +173,7 @@ def recovery_jobs(rank: int, world: int, jobs: list[dict]) -> None:
                 damage(Path(job["out"]), job.get("damage", []))
             dist.barrier()
         cfg = run_config(job["ds"], job["out"], job["sharding"], world, train=job.get("train"),
-                         **job.get("parallel", {}))
+                         variant=job.get("model", {}).get("variant", "comeir"), **job.get("parallel", {}))
         for k, v in job.get("model", {}).items():
             setattr(cfg.model, k, v)
         for k, v in job.get("backbone", {}).items():

@@ -265,3 +265,32 @@ def test_plan_counts_the_rec2pm_global_pass(tmp_path):
     rc, out, _ = run_cli(["--config", str(cfg), "--device", "cpu", "--device-memory", "8", "--world-size", "2"])
     assert rc == 1 and "Rec2PM global pass" in out
     assert "Try: more train.grad_accum_steps or a shorter model.pref_memory.archive_items" in out.splitlines()[-1]
+
+
+def test_plan_counts_all_position_training(tmp_path):
+    """train.sample_mode: sequence -- the [window, items] logits of every window (and plain sasrec's window
+    attention) join the reserve; a window that does not fit names the knobs."""
+    from comeir_dist.config.run import RunConfig
+    from comeir_dist.parallel.activation_plan import run_activations
+
+    model = {"variant": "sasrec", "backbone": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                               "intermediate_size": 128, "max_positions": 1024}}
+    data = {"model": model, "max_history": 1000, "train": {"batch_size": 64, "sample_mode": "sequence"}}
+    acts = run_activations(RunConfig(**data), world=2, num_items=3650)
+    (seq,) = acts.parts
+    assert seq.logits_bytes == 12 * 32 * 1000 * 3650 and seq.attention_bytes == 2 * 2 * 32 * 4 * 1000 ** 2 * 4
+    assert run_activations(RunConfig(**{**data, "train": {"batch_size": 64}}), 1, 3650) is None  # prefix mode
+    pm = {**data, "model": {**model, "pref_memory": {"enabled": True, "archive_items": 1000}}}
+    both = run_activations(RunConfig(**pm), world=2, num_items=3650)
+    assert [type(p).__name__ for p in both.parts] == ["GlobalPassActivations", "SequenceActivations"]
+    assert both.parts[1].attention_bytes == 0  # the global pass term covers the memory's long pass
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps(data))
+    rc, out, _ = run_cli(["--config", str(cfg), "--device", "cpu", "--device-memory", "64", "--world-size", "2",
+                          "--num-items", "3650", "--json"])
+    plan = json.loads(out)
+    assert rc == 0 and plan["activation_bytes"] == acts.total and "all-position training" in plan["activation_note"]
+    rc, out, _ = run_cli(["--config", str(cfg), "--device", "cpu", "--device-memory", "4", "--world-size", "2",
+                          "--num-items", "3650"])
+    assert rc == 1 and "a shorter window (max_history" in out.splitlines()[-1]
