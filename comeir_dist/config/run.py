@@ -112,6 +112,10 @@ class TrainConfig(Section):
                                                "overrides eval_every when set (patience then counts these).")
     max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock training budget; stops at whichever of max_steps/max_minutes comes first.")
     grad_clip: float = Field(1.0, gt=0)
+    length_buckets: int = Field(0, ge=0, description="0 = batches drawn in random order. k > 0: every run of k "
+                                "batches of the shuffled order is sorted by sample length before it is cut into "
+                                "batches (then the batches are shuffled), so a batch pads to its own longest history: "
+                                "for long, varied histories (sample_mode sequence, pref_memory archives).")
     sample_mode: Literal["prefix", "sequence"] = Field(
         "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
         "(every variant). 'sequence' (sasrec only, with or without pref_memory) = windows of each training sequence "

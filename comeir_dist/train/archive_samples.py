@@ -42,6 +42,12 @@ class ArchiveHistory:
     def __len__(self) -> int:
         return len(self.user)
 
+    def lengths(self) -> np.ndarray:
+        """Items of every sample's archive row (:func:`align_archive` of its prefix), without building the rows."""
+        n = self.end
+        r = (n - 1) % self.seg + 1
+        return np.minimum(n, r + self.seg * np.maximum(0, (self.width - r) // self.seg))
+
     @property
     def shape(self) -> tuple[int, int]:
         return len(self), self.width

@@ -52,7 +52,7 @@ from comeir_dist.train import checkpoint as ckpt
 from comeir_dist.train import train_log
 from comeir_dist.train.checkpoint_simple import save_checkpoint
 from comeir_dist.train.archive_samples import run_split_samples, run_training_samples
-from comeir_dist.train.samples import EpochSampler, split_samples, training_samples  # noqa: F401
+from comeir_dist.train.samples import EpochSampler, row_lengths, split_samples, training_samples  # noqa: F401
 from comeir_dist.train.setup import (build_sharded_model, check_memory_plan, dense_parameters, load_inputs,
                                     seed_everything)
 from comeir_dist.utils.atomic import write_json
@@ -191,7 +191,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     from comeir_dist.parallel.dense import DenseEngine
 
     dense = DenseEngine(model, cfg, device, world, per_rank, params)
-    sampler = EpochSampler(len(target), tc.batch_size, cfg.seed)
+    lengths = row_lengths(hist) if tc.length_buckets else None
+    sampler = EpochSampler(len(target), tc.batch_size, cfg.seed, lengths=lengths, buckets=tc.length_buckets)
     n_dense = sum(p.numel() for p in params)
 
     def batch_tensors(idx: np.ndarray):
@@ -221,7 +222,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         ckpt.load_run_checkpoint(latest, env=env, model=model, dense=dense, zero_step=zero_step)
         step = int(state["step"])
         sampler = EpochSampler(len(target), tc.batch_size, cfg.seed, epoch=state["sampler"]["epoch"],
-                               offset=state["sampler"]["offset"])
+                               offset=state["sampler"]["offset"], lengths=lengths, buckets=tc.length_buckets)
         loop.update(state["loop"])
         dense.plateau.scale = float(loop.get("lr_scale", 1.0))
         if dense.plateau.scale != 1.0 or step >= freeze_step:

@@ -67,13 +67,19 @@ def split_samples(dataset_dir, split: str, max_history: int) -> tuple[np.ndarray
 class EpochSampler:
     """Seeded shuffled batches with an explicit position (epoch, offset) so a run can resume exactly."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0,
+                 lengths: np.ndarray | None = None, buckets: int = 0):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.offset = epoch, offset
+        self.lengths, self.buckets = lengths, buckets
         self._perm = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(self.n)
+        if not self.buckets or self.lengths is None:
+            return perm
+        return bucket_by_length(perm, self.lengths, self.batch_size, self.buckets, rng)
 
     def next(self) -> np.ndarray:
         if self.offset >= self.n:
@@ -85,6 +91,26 @@ class EpochSampler:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+def bucket_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, buckets: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``train.length_buckets``: sort every run of ``buckets`` batches of the shuffled order by sample length,
+    cut it into batches, shuffle the full batches (the remainder stays last, so every batch is one slice of the
+    order): a batch holds samples of similar length and pads to its longest one, not to the longest overall.
+    Still a permutation of the samples (every sample once per epoch), deterministic in (seed, epoch)."""
+    chunk = batch_size * buckets
+    parts = [perm[i:i + chunk] for i in range(0, len(perm), chunk)]
+    order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts]) if parts else perm
+    full = len(order) // batch_size
+    blocks = order[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([blocks.reshape(-1), order[full * batch_size:]])
+
+
+def row_lengths(hist) -> np.ndarray:
+    """Real items per history row: ``hist.lengths()`` (archives) or the non-padding count of an ``[S, N]`` array."""
+    own = getattr(hist, "lengths", None)
+    return own() if callable(own) else (np.asarray(hist) >= 0).sum(1)
 
 
 def to_batch(hist: np.ndarray, target: np.ndarray | None, device):

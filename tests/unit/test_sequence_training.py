@@ -121,3 +121,24 @@ def test_sequence_training_learns(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best_valid_ndcg@10"] > 0.5  # users walk a fixed item cycle: learnable
+
+
+def test_length_buckets_permute_every_sample_once_and_group_lengths():
+    from comeir_dist.train.archive_samples import ArchiveHistory, align_archive
+    from comeir_dist.train.samples import EpochSampler, row_lengths
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 1000, 203)
+    plain, bucketed = (EpochSampler(203, 10, 7, lengths=lengths, buckets=b) for b in (0, 5))
+    for sampler in (plain, bucketed):
+        order = np.concatenate([sampler.next() for _ in range(21)])  # 20 full batches + the remainder of 3
+        assert sorted(order.tolist()) == list(range(203))
+    spread = lambda s: np.mean([np.ptp(lengths[s._perm[i:i + 10]]) for i in range(0, 200, 10)])  # noqa: E731
+    assert spread(bucketed) < 0.5 * spread(plain)
+    again = EpochSampler(203, 10, 7, epoch=bucketed.epoch, offset=0, lengths=lengths, buckets=5)
+    assert np.array_equal(again._perm, bucketed._perm)  # deterministic in (seed, epoch): exact resume
+    # archive rows: lengths without building them
+    seqs = _seqs([1, 5, 30, 61])
+    hist = ArchiveHistory(seqs, 24, 4)
+    assert row_lengths(hist).tolist() == [len(align_archive(s[:e], 24, 4)) for s in seqs for e in range(1, len(s))]
+    assert row_lengths(np.array([[-1, 3, 4], [-1, -1, 2]])).tolist() == [2, 1]
