@@ -142,11 +142,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunConfig:
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.model.variant = variant
-    run_cfg.seed = seed
-    run_cfg.out = str(run_dir)
-    return RunConfig.model_validate(run_cfg.model_dump())  # variant-specific checks (flatten positions)
+    """The config of one run; the variant-specific checks (flatten positions, sasrec-only sample mode) fail as
+    one line naming the variant."""
+    from comeir_dist.config.base import parse_section
+
+    data = cfg.model_dump()
+    data["model"]["variant"], data["seed"], data["out"] = variant, seed, str(run_dir)
+    return parse_section(RunConfig, data, source=f"--variants {variant} (config {cfg.out})")
 
 
 def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
@@ -258,7 +260,8 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
                 continue  # deterministic: one run
             key = f"{name}-seed{seed}"
             run_dir = root / key
-            run_cfg = _run_config(base, "comeir" if variant == POPULAR else variant, seed, run_dir)
+            # popular reads only the dataset and eval settings: the base config's own variant keeps it valid
+            run_cfg = _run_config(base, base.model.variant if variant == POPULAR else variant, seed, run_dir)
             h = config_hash(run_cfg)
             result_path = root / "results" / f"{key}.json"
             if result_path.is_file():

@@ -142,3 +142,15 @@ def test_length_buckets_permute_every_sample_once_and_group_lengths():
     hist = ArchiveHistory(seqs, 24, 4)
     assert row_lengths(hist).tolist() == [len(align_archive(s[:e], 24, 4)) for s in seqs for e in range(1, len(s))]
     assert row_lengths(np.array([[-1, 3, 4], [-1, -1, 2]])).tolist() == [2, 1]
+
+
+def test_experiment_with_a_sequence_config_checks_variants_and_runs_popular(tmp_path):
+    from comeir_dist.train.experiment import run_experiment
+
+    ds = make_tiny_dataset(tmp_path)
+    cfg = tiny_run_config(ds, tmp_path / "exp", variant="sasrec", sample_mode="sequence")
+    with pytest.raises(UserError, match="--variants tm.*model.variant must be sasrec"):
+        run_experiment(cfg, ["popular", "tm"], 1)
+    assert not (tmp_path / "exp" / "results").exists()  # checked before anything runs
+    table = run_experiment(cfg, ["popular"], 1)
+    assert table.splitlines()[2].startswith("| popular | - | 1 |")
