@@ -95,6 +95,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs", type=int, help="RQ-VAE epochs")
+    p.add_argument("--assign", help="RQ-KMeans code assignment: balanced (default) | argmin (nearest centroid, Eq. 29; "
+                   "keeps collisions)")
+    p.add_argument("--resolve-collisions", dest="resolve_collisions", choices=("true", "false"),
+                   help="move items sharing a full SID to free last-level codes (default: on unless --assign argmin)")
     _add_ray(p)
 
     p = sub.add_parser("params", help="Engram table sizes (App. B.2.2)")
@@ -128,6 +132,7 @@ EMBED_FLAGS = {"model": "embed.model", "max_chars": "embed.max_chars", "num_shar
                "ray_address": "ray_address", "ray_num_cpus": "ray_num_cpus"}
 QUANT_FLAGS = {"method": "quantize.method", "levels": "quantize.levels", "codebook_size": "quantize.codebook_size",
                "restarts": "quantize.restarts", "seed": "quantize.seed", "epochs": "quantize.epochs",
+               "assign": "quantize.assign", "resolve_collisions": "quantize.resolve_collisions",
                "ray_address": "ray_address", "ray_num_cpus": "ray_num_cpus"}
 
 

@@ -201,3 +201,29 @@ def test_argmin_sids_through_the_trie():
     assert int((trie.sid_sizes > 1).sum()) == s["collision_groups"]
     for i in range(len(x)):
         assert i in trie.items_of(int(trie.item_sid[i])).tolist()
+
+
+def test_quantize_flags_select_the_assignment(tmp_path, monkeypatch, capsys):
+    """`comeir quantize --assign argmin --resolve-collisions true` reaches the quantizer config; a bad value is one
+    line and exit 2."""
+    from comeir_dist.cli import main
+    from comeir_dist.quant import run as qrun
+    from tests.fixtures import make_tiny_dataset
+
+    ds = str(make_tiny_dataset(tmp_path))
+    seen = {}
+
+    def fake(dataset_dir, cfg, **kw):
+        seen["cfg"] = cfg
+        out = tmp_path / "sids"
+        out.mkdir(exist_ok=True)
+        (out / "report.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(qrun, "run_quantize", fake)
+    assert main(["quantize", "--dataset", ds, "--assign", "argmin"]) == 0
+    assert seen["cfg"].assign == "argmin" and seen["cfg"].collisions_resolved is False
+    assert main(["quantize", "--dataset", ds, "--assign", "argmin", "--resolve-collisions", "true"]) == 0
+    assert seen["cfg"].collisions_resolved is True
+    assert main(["quantize", "--dataset", ds, "--assign", "nearest"]) == 2
+    assert "quantize.assign" in capsys.readouterr().err
