@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from comeir_dist.data.dataset import read_split
 from comeir_dist.train.archive_samples import align_archive
-from comeir_dist.train.samples import no_training_samples
+from comeir_dist.train.samples import no_training_samples, train_sequences
 
 
 def sequence_windows(seqs: list[list[int]], width: int, seg: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +40,7 @@ def sequence_training_samples(cfg) -> tuple[np.ndarray, np.ndarray]:
     """The run's all-position windows: archive_items / segment_items with pref_memory, else max_history / 1."""
     pm = cfg.model.pref_memory
     width, seg = (pm.archive_items, pm.segment_items) if pm.enabled else (cfg.max_history, 1)
-    inputs, targets = sequence_windows(read_split(cfg.dataset, "train").column("items").to_pylist(), width, seg)
+    inputs, targets = sequence_windows(train_sequences(cfg.dataset), width, seg)
     if len(inputs) == 0:
         raise no_training_samples(cfg.dataset)
     return inputs, targets
