@@ -7,6 +7,10 @@ VENV ?= .venv
 DEVICE ?= cpu
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# test processes (pytest-xdist, one file per process so module fixtures are built once): the suite is mostly
+# single-threaded, so 2 processes on the 2-core reference machine halve its wall time; TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 TORCHREC := torchrec==1.8.0
 
 export HF_HUB_OFFLINE := 1
@@ -40,20 +44,20 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
 # the slow tests alone (multi-node Ray with a node killed mid-run, 2-rank bench): CI runs them after `make test`
 test-slow: setup
 	COMEIR_SLOW_TESTS=1 $(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)
 
 test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) tests/unit $(PYTEST_ARGS)
 
 test-distributed: setup
-	$(BIN)/python -m pytest -q tests/distributed $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) tests/distributed $(PYTEST_ARGS)
 
 test-integration: setup
-	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) tests/integration $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python jobs/demo.py --pipeline configs/preprocess.yaml --config configs/comeir_cpu.yaml

@@ -59,6 +59,12 @@ class ModelConfig(Section):
         "none", description="ComeIR head scoring. 'none' = the paper's Eq. 10 exactly, psi_l(x) = w_l^T LN(W_H h_u + "
         "W_C e_x + mu_l(x)). 'dot' (extension, not in the paper) adds a direct user-candidate term "
         "LN(W_Q h_u + sum_j P_j c^j)^T (W_O e_x) + b_x in which the generated prefix c^{<l} conditions the query.")
+    comeir_head: Literal["memory", "decoder"] = Field(
+        "memory", description="ComeIR's output side. 'memory' = the paper's memory-restoring head (Eq. 10, 23-27) "
+        "over h_u. 'decoder' (extension, a diagnostic of which half carries ComeIR's result): ComeIR's inputs R^I "
+        "(MM scoring, Engram reads, memory-conditioned merge) with the Normal-GR decoder of tm / flatten -- the "
+        "generated codes are fed back through the backbone and one output layer per level scores every code; the "
+        "head's memory reads (no_d_intra / no_d_inter), head_interaction and head_memory_grad do not apply.")
     head_memory_grad: bool = Field(True, description="False (extension): the memory-restoring head reads the "
                                    "Engram tables without writing them; only the encoder's reads train the rows.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
@@ -86,6 +92,16 @@ class ModelConfig(Section):
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise ValueError(f"unknown ablation {bad[0]!r}; allowed values: {', '.join(ABLATIONS)}")
+        if self.comeir_head == "decoder":
+            clash = {"variant": self.variant != "comeir", "decoding": self.decoding != "normal",
+                     "head_interaction": self.head_interaction != "none", "head_memory_grad": not self.head_memory_grad,
+                     "ablations": any(a.startswith("no_d_") for a in self.ablations),
+                     "pref_memory": self.pref_memory.enabled}
+            bad = [k for k, v in clash.items() if v]
+            if bad:
+                raise ValueError(f"comeir_head=decoder applies to model.variant comeir with decoding normal, "
+                                 f"head_interaction none, head_memory_grad true, no no_d_* ablation and no "
+                                 f"pref_memory; conflicting: {', '.join(bad)}")
         return self
 
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from comeir_dist.errors import UserError
-from comeir_dist.model.backbone import backbone_width, run_backbone
+from comeir_dist.model.backbone import backbone_width
+from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
 from comeir_dist.model.decor import DecorComposer
 from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.history import Catalog, HistoryBatch
@@ -109,10 +110,7 @@ class GenerativeBaseline(nn.Module):
             if self.composer.bos is not None:  # ... or the composed BOS after it (Eq. 19)
                 fed = torch.cat([self.composer.bos_input(st, fed.dtype).unsqueeze(1), fed], dim=1)
                 first += 1
-        x = torch.cat([x, fed], dim=1)
-        mask = torch.cat([mask, torch.ones(fed.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
-        h, _ = run_backbone(self.backbone, x, mask)
-        return [self.out[l](h[:, first + l]) for l in range(self.levels)]
+        return teacher_forced_code_logits(self.backbone, x, mask, fed, self.out, first)
 
     # ---- decoding ----------------------------------------------------------------------------
     def decoder(self, batch: HistoryBatch):
@@ -128,31 +126,16 @@ class GenerativeBaseline(nn.Module):
             if composer.bos is not None:  # the composed BOS input (Eq. 19) is part of the prefill
                 x = torch.cat([x, composer.bos_input(st, x.dtype).unsqueeze(1)], dim=1)
                 mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device)], dim=1)
-        state = {}
 
-        def step(level: int, prefixes: torch.Tensor, parent: torch.Tensor | None) -> torch.Tensor:
-            b, k = prefixes.shape[:2]
-            if level == 0:
-                h, cache = run_backbone(self.backbone, x, mask, use_cache=True)
-                state.update(cache=cache, mask=mask, k=1, pos=mask.long().sum(-1))
-                return self.out[0](h[:, -1]).unsqueeze(1)
-            # reorder the (B*K_prev)-row cache to the surviving beams, then feed the newly chosen code
-            rows = (torch.arange(b, device=parent.device).unsqueeze(1) * state["k"] + parent).reshape(-1)
-            cache = state["cache"]
-            cache.reorder_cache(rows)
-            prev_mask, pos = state["mask"][rows], state["pos"][rows]
+        def feed(level: int, prefixes: torch.Tensor, b: int, k: int) -> torch.Tensor:
             if composer is None:
-                new = self.tokens(prefixes[:, :, -1].reshape(-1, 1), level - 1)  # [B*K, 1, d]
-            else:  # the newest code composed with its beam's context: history + the beam's codes (Eq. 12-18)
-                users = torch.arange(b, device=prefixes.device).repeat_interleave(k)
-                gen = self.tokens(prefixes.reshape(b * k, level))
-                new = composer.compose(st.rows(users), gen, tables, positions=[level - 1])
-            full_mask = torch.cat([prev_mask, torch.ones(b * k, 1, dtype=torch.bool, device=new.device)], dim=1)
-            h, cache = run_backbone(self.backbone, new, full_mask, past=cache, use_cache=True, position_offset=pos)
-            state.update(cache=cache, mask=full_mask, k=k, pos=pos + 1)
-            return self.out[level](h[:, -1]).reshape(b, k, -1)
+                return self.tokens(prefixes[:, :, -1].reshape(-1, 1), level - 1)  # [B*K, 1, d]
+            # the newest code composed with its beam's context: history + the beam's codes (Eq. 12-18)
+            users = torch.arange(b, device=prefixes.device).repeat_interleave(k)
+            gen = self.tokens(prefixes.reshape(b * k, level))
+            return composer.compose(st.rows(users), gen, tables, positions=[level - 1])
 
-        return step
+        return cached_code_decoder(self.backbone, x, mask, self.out, feed)
 
     # ---- NEZHA (Eq. 40-42) ---------------------------------------------------------------------
     def _nezha_level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:

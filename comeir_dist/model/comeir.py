@@ -13,6 +13,10 @@ candidate side keeps the pretrained channel too (a head scoring with another tab
 embedding per code from the loss alone). DECOR's composition is not used by ComeIR (``model.decor.compose`` is
 refused): Normal-GR ComeIR feeds no generated code back to the backbone, and a candidate embedding composed from
 the context would blur the candidates the head has to tell apart.
+
+``head="decoder"`` (``model.comeir_head``, an extension): the inputs R^I as above, but the next SID is decoded like
+tm / flatten's Normal GR (code_decoder.py: generated codes fed back through the backbone, one output layer per level)
+instead of by the memory-restoring head; it separates what ComeIR's inputs and its head each contribute.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from comeir_dist.engram.config import EngramConfig
 from comeir_dist.engram.read import EngramRead
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
+from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
 from comeir_dist.model.comeir_encoder import ComeIREncoder, history_units
 from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.engram_memory import EngramLookup, EngramTables
@@ -41,7 +46,7 @@ class ComeIRModel(nn.Module):
                  trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
                  head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True,
                  decoding: str = "normal", nezha_delta: str = "code", fusion: str = "concat",
-                 decor: DecorConfig | None = None):
+                 decor: DecorConfig | None = None, head: str = "memory"):
         super().__init__()
         if decor is not None and decor.compose:
             raise UserError("model.decor.compose applies to flatten / tm with model.decoding: normal (the variants "
@@ -61,8 +66,14 @@ class ComeIRModel(nn.Module):
         self.reads = reads
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
                                      ablations, ecfg.d_max)
-        self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max,
-                               interaction=head_interaction, memory_grad=head_memory_grad)
+        if head == "decoder":  # extension: ComeIR's inputs, the Normal-GR decoder of tm / flatten (code_decoder.py)
+            if decoding != "normal":
+                raise UserError("model.comeir_head=decoder needs model.decoding: normal")
+            self.head = None
+            self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))
+        else:
+            self.head = MemoryHead(self.levels, self.codebook_size, d, window, reads, ablations, ecfg.d_max,
+                                   interaction=head_interaction, memory_grad=head_memory_grad)
         self.tables = EngramTables(ecfg, device=sparse_device)  # the sparse part (sharded by parallel/)
         self.decoding = decoding
         self.nezha = NezhaDecoding(self.levels, d, nezha_delta, window) if decoding == "nezha" else None
@@ -104,6 +115,11 @@ class ComeIRModel(nn.Module):
 
     def level_logits(self, batch: HistoryBatch, target_codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher forcing (Eq. 12): logits ``[B, C]`` per level for the ground-truth prefixes."""
+        if self.head is None:  # head: decoder -- codes 1..L-1 fed back after R^I
+            enc = self.encoder_pass(batch.items)
+            r = enc["r"]
+            fed = self.tokens(target_codes[:, : self.levels - 1])
+            return teacher_forced_code_logits(self.backbone, r, enc["mask"], fed, self.out, r.shape[1] - 1)
         enc = self._encode(batch, self.head_requests(target_codes))
         if self.nezha is None:
             zetas = [enc["h"]] * self.levels
@@ -116,6 +132,11 @@ class ComeIRModel(nn.Module):
     def decoder(self, batch: HistoryBatch):
         """``step_fn`` for beam search: the backbone runs once; each level reads the memories of its candidates
         (NEZHA: with each beam's own state xi_l, reordered with the beams' parents)."""
+        if self.head is None:
+            enc = self.encoder_pass(batch.items)
+            return cached_code_decoder(self.backbone, enc["r"], enc["mask"], self.out,
+                                       lambda level, prefixes, b, k: self.tokens(prefixes[:, :, -1].reshape(-1, 1),
+                                                                                 level - 1))
         enc = self._encode(batch)
         beams = None if self.nezha is None else NezhaBeams(self.nezha, enc["h"], enc["h_p"], enc["s0"], enc["mask"],
                                                            self.tokens)

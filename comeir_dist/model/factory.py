@@ -39,7 +39,8 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
         model = ComeIRModel(cfg.engram, catalog, cb, backbone, trie, m.token_dim, m.window, set(m.ablations),
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
                             memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
-                            decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor)
+                            decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor,
+                            head=m.comeir_head)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
                                    nezha_delta=m.nezha_delta, window=m.window, fusion=m.token_fusion, decor=m.decor)

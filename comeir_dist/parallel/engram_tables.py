@@ -267,9 +267,10 @@ def reinit_tables(model: torch.nn.Module, seed: int, scale: float) -> int:
 
 
 # ---- whole-table state (small tables: best/ checkpoints, tests) -------------------------------------------
-def full_tables_state(tables: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{group: {key: full CPU tensor}} assembled from the shards (collective when world > 1)."""
-    return {g: sparse_state_dict(m, full=True) for g, m in group_dmps(tables).items()}
+def full_tables_state(tables: torch.nn.Module, copy: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """{group: {key: full CPU tensor}} assembled from the shards (collective when world > 1); ``copy=False``
+    returns views of single-process CPU tables (see ``sparse_state_dict``)."""
+    return {g: sparse_state_dict(m, full=True, copy=copy) for g, m in group_dmps(tables).items()}
 
 
 def load_full_tables_state(tables: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:

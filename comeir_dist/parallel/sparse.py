@@ -224,22 +224,34 @@ def _global_shape(value) -> tuple[int, ...]:
     return tuple(value.size())
 
 
-def sparse_state_dict(dmp: DistributedModelParallel, full: bool = False) -> dict[str, torch.Tensor]:
+def sparse_state_dict(dmp: DistributedModelParallel, full: bool = False, copy: bool = True) -> dict[str, torch.Tensor]:
     """Table weights. ``full=False``: DMP's own (sharded) state dict, the form torch.distributed.checkpoint
     saves and reshards. ``full=True``: every table assembled as a plain CPU tensor on every rank
-    (all-gather of local shards; for small tables, tests and single-process use).
+    (all-gather of local shards; for small tables, tests and single-process use). ``copy=False``: in one
+    process, a table held whole by its one CPU shard is returned as that shard's (read-only) view instead of a
+    copy -- for a caller that serialises at once (``best/``): an s_T = 8 table set (12 GB) is not held twice.
     Accepts an :class:`EngramShardedLookup` too (keys are those of the wrapped DMP)."""
     sd = _unwrap(dmp).state_dict()
     if not full:
         return sd
     with _quiet_sharded_tensor():
-        return _assemble(sd)
+        return _assemble(sd, copy)
 
 
-def _assemble(sd: dict) -> dict[str, torch.Tensor]:
-    pieces = {k: [(o, t.detach().cpu().clone()) for o, t in _local_pieces(v)] for k, v in sd.items()}
-    shapes = {k: _global_shape(v) for k, v in sd.items()}
+def _assemble(sd: dict, copy: bool = True) -> dict[str, torch.Tensor]:
     world = dist.get_world_size() if dist.is_initialized() else 1
+    shapes = {k: _global_shape(v) for k, v in sd.items()}
+    if world == 1 and not copy:
+        out = {}
+        for k, v in sd.items():
+            pieces = _local_pieces(v)
+            t = pieces[0][1].detach() if len(pieces) == 1 else None
+            if t is not None and t.device.type == "cpu" and tuple(t.shape) == tuple(shapes[k]):
+                out[k] = t
+        if len(out) == len(sd):
+            return out
+    # several ranks: the pieces are pickled by all_gather_object, so they must not be views of the fused buffer
+    pieces = {k: [(o, t.detach().cpu().clone()) for o, t in _local_pieces(v)] for k, v in sd.items()}
     if world > 1:
         allp = [None] * world
         dist.all_gather_object(allp, pieces)

@@ -46,7 +46,8 @@ def save_checkpoint(path: Path, model, cfg, step: int, metrics: dict, sid_finger
     in one process whatever the number of ranks that trained it."""
     from comeir_dist.parallel.engram_tables import full_tables_state
 
-    tables = full_tables_state(model.tables) if hasattr(model, "tables") else None
+    # views, not copies, of one process's tables: torch.save writes them straight from the live buffers
+    tables = full_tables_state(model.tables, copy=False) if hasattr(model, "tables") else None
     if not write:
         return path
     with atomic_dir(path, overwrite=True) as tmp:  # best/ is written whole by comeir
@@ -116,4 +117,4 @@ def load_checkpoint_into(path: Path, model, meta: dict, sid_fingerprint: str) ->
         raise UserError(f"{path}: checkpoint does not match the model config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if hasattr(model, "tables"):
-        load_full_tables_state(model.tables, torch.load(path / "tables.pt", weights_only=True))
+        load_full_tables_state(model.tables, torch.load(path / "tables.pt", weights_only=True, mmap=True))

@@ -15,6 +15,7 @@ file, and ``<run>/composition_usage.json``).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -156,6 +157,7 @@ def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) 
     from comeir_dist.train.loop import train
 
     train(run_cfg, overwrite=overwrite)
+    gc.collect()  # the trained model (module cycles) goes before best/ is loaded: large tables are not held twice
     summary = json.loads((run_dir / "summary.json").read_text())
     if not (run_dir / "best").is_dir():
         raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")

@@ -6,6 +6,8 @@ Two launches (1 rank, 2 ranks) of ``workers.recovery_jobs`` (per-job "model" ove
   flatten  fusion decor + composition + BOS queries (DECOR full)
   tm       fusion learned + composition (the fed-back codes of token merge)
   comeir   fusion decor (sharded Engram tables; the fused embedding is also the head's e_x)
+  comeir-decoder-head   model.comeir_head: decoder (ComeIR's inputs over the sharded tables, the Normal-GR decoder;
+           in this launch to share its cost, it is not a DECOR option)
 plus, in the 2-rank launch, DECOR-full flatten under ZeRO-3 + bf16: the composer, the BOS queries and the fusion
 projections are partitioned and must be gathered where they are used.
 """
@@ -24,7 +26,8 @@ TW = "table_wise"
 FULL = {"compose": True, "alpha": 0.4, "bos_queries": 4}
 RUNS = {"flatten": {"token_fusion": "decor", "decor": FULL},
         "tm": {"token_fusion": "learned", "decor": {"compose": True, "alpha": 0.4}},
-        "comeir": {"token_fusion": "decor"}}
+        "comeir": {"token_fusion": "decor"},
+        "comeir-decoder-head": {"variant": "comeir", "comeir_head": "decoder"}}
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +47,12 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", list(RUNS))
-def test_one_and_two_ranks_train_the_same_decor_model(runs, variant):
+def test_one_and_two_ranks_train_the_same_model(runs, variant):
     one, two = runs / f"{variant}_w1", runs / f"{variant}_w2"
     assert_same_training(one, two, 2 * K, SHAPES[TW][1])
     state = json.loads((two / "checkpoints" / f"step-{2 * K}" / "state.json").read_text())
-    assert state["config"]["model"]["token_fusion"] == RUNS[variant]["token_fusion"]
+    assert state["config"]["model"]["token_fusion"] == RUNS[variant].get("token_fusion", "concat")
+    assert state["config"]["model"]["comeir_head"] == RUNS[variant].get("comeir_head", "memory")
     assert state["config"]["model"]["decor"]["compose"] == RUNS[variant].get("decor", {}).get("compose", False)
 
 
@@ -65,3 +69,8 @@ def test_decor_best_checkpoint_from_two_ranks_evaluates_in_one_process(runs):
     loader -> the recorded validation metrics."""
     model, cfg, _ = evaluate_best_in_one_process(runs / "flatten_w2" / "best")
     assert model.composer is not None and model.composer.bos is not None and cfg.model.token_fusion == "decor"
+
+def test_decoder_head_best_checkpoint_from_two_ranks_evaluates_in_one_process(runs):
+    """model.comeir_head: decoder round-trips through best/ (sharded tables + output layers) and `comeir evaluate`."""
+    model, cfg, _ = evaluate_best_in_one_process(runs / "comeir-decoder-head_w2" / "best")
+    assert model.head is None and cfg.model.comeir_head == "decoder"
