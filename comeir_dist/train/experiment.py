@@ -152,16 +152,58 @@ def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunCo
     return parse_section(RunConfig, data, source=f"--variants {variant} (config {cfg.out})")
 
 
-def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
+# best/ tables above this size are tested in a fresh process: the training process still holds the trained model
+# (DeepSpeed's hooks keep it in reference cycles) and a second copy of an s_T = 8 table set (12 GB) does not fit
+CHILD_EVAL_TABLE_BYTES = 1 << 30
+
+
+def _trained_earlier(run_cfg: RunConfig, run_dir: Path) -> bool:
+    """A finished training of this very config (summary.json with a stop reason, a committed best/ whose config
+    hashes equal): a rerun after the test evaluation was interrupted only evaluates."""
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.train.checkpoint_simple import COMMIT
+
+    summary, meta = run_dir / "summary.json", run_dir / "best" / "meta.json"
+    if not (summary.is_file() and meta.is_file() and (run_dir / "best" / COMMIT).is_file()):
+        return False
+    try:
+        done = json.loads(summary.read_text()).get("stop_reason") is not None
+        saved = parse_section(RunConfig, json.loads(meta.read_text())["config"])
+    except (ValueError, KeyError, UserError):
+        return False
+    return done and config_hash(saved) == config_hash(run_cfg)
+
+
+def _evaluate_test(best: Path, out: Path) -> dict:
     from comeir_dist.eval.run_eval import run_evaluate
+
+    tables = best / "tables.pt"
+    if not (tables.is_file() and tables.stat().st_size > CHILD_EVAL_TABLE_BYTES):
+        return run_evaluate(str(best), "test", str(out))
+    import multiprocessing as mp
+
+    log.info("%s: %.1f GB of tables, testing in a fresh process", best, tables.stat().st_size / 1e9)
+    child = mp.get_context("spawn").Process(target=run_evaluate, args=(str(best), "test", str(out)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"{best}: the test evaluation process failed (exit code {child.exitcode}); rerun the same "
+                        "command to evaluate again without retraining")
+    return json.loads(out.read_text())
+
+
+def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
     from comeir_dist.train.loop import train
 
-    train(run_cfg, overwrite=overwrite)
-    gc.collect()  # the trained model (module cycles) goes before best/ is loaded: large tables are not held twice
+    if _trained_earlier(run_cfg, run_dir):
+        log.info("%s: trained earlier (summary.json, best/), evaluating best/ on the test split", run_dir)
+    else:
+        train(run_cfg, overwrite=overwrite)
+        gc.collect()
     summary = json.loads((run_dir / "summary.json").read_text())
     if not (run_dir / "best").is_dir():
         raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")
-    res = run_evaluate(str(run_dir / "best"), "test", str(run_dir / "test.json"))
+    res = _evaluate_test(run_dir / "best", run_dir / "test.json")
     best = [v for v in summary["validation"] if v["step"] == summary["best_step"]]
     best = best[0] if best else {}
     return {"metrics": res["metrics"], "ms_per_user": res["ms_per_user"], "steps": summary["steps"],

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from comeir_dist.config.run import RunConfig
-from comeir_dist.decode.beam import beam_search
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import to_batch, training_samples
-from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
+from comeir_dist.train.setup import build_sharded_model, load_inputs
+from tests.fixtures import (assert_decode_matches_teacher_forcing, assert_overfits, make_tiny_dataset,
+                            tiny_run_config)
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +84,7 @@ def test_training_reads_and_writes_the_engram_tables(tiny, tmp_path):
 def test_overfit_handful_of_sequences(tiny, tmp_path):
     model = _model(tiny, tmp_path)
     batch = _batch(tiny, 8)
-    opt = torch.optim.AdamW(dense_parameters(model), lr=1e-2)
-    codes = model.catalog.item_codes(batch.target)
-    for _ in range(150):
-        loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        res = beam_search(model.decoder(batch), model.trie, 8, model.levels, 5)
-    assert torch.equal(res.codes[:, 0], codes), f"final loss {loss.item():.4f}"
+    assert_overfits(model, batch)
 
 
 @pytest.mark.parametrize("model, field", [({"decoding": "nezha"}, "decoding"),

@@ -139,6 +139,29 @@ def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
         experiment.run_experiment(changed, ["tm"], seeds=1)
 
 
+def test_interrupted_test_evaluation_reruns_without_training_in_a_fresh_process(tiny, tmp_path, monkeypatch):
+    """Training finished but the result file is missing (the test evaluation was killed): a rerun evaluates best/
+    only; large tables are tested in a fresh process (here forced by a 0-byte threshold) with the same metrics."""
+    import comeir_dist.train.loop as loop
+    from comeir_dist.train import experiment
+
+    cfg = tiny_run_config(tiny, tmp_path / "exp", max_steps=4, eval_every=2, lr_schedule="plateau")
+    experiment.run_experiment(cfg, ["comeir"], seeds=1)
+    result = tmp_path / "exp" / "results" / "comeir-seed42.json"
+    first = json.loads(result.read_text())
+    result.unlink()
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("finished training retrained"))
+    monkeypatch.setattr(experiment, "CHILD_EVAL_TABLE_BYTES", 0)
+    experiment.run_experiment(cfg, ["comeir"], seeds=1)
+    again = json.loads(result.read_text())
+    assert again["metrics"] == first["metrics"] and again["best_step"] == first["best_step"]
+    changed = cfg.model_copy(deep=True)  # another config in the same run dir is not "trained earlier"
+    changed.train.lr = 1e-2
+    assert not experiment._trained_earlier(changed, tmp_path / "exp" / "comeir-seed42")
+    assert experiment._trained_earlier(experiment._run_config(cfg, "comeir", 42, tmp_path / "exp" / "comeir-seed42"),
+                                       tmp_path / "exp" / "comeir-seed42")
+
+
 def test_tables_freeze_after_the_configured_epochs(tiny, tmp_path):
     """engram.sparse_freeze_epochs: rows move during the first epoch only; dense weights keep training."""
     from comeir_dist.train.loop import train

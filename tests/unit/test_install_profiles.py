@@ -136,7 +136,7 @@ def test_pyproject_declares_the_same_pins():
     assert sorted(map(normal, common + extras["cpu"])) == sorted(map(normal, CPU.values()))
     assert sorted(map(normal, common + extras["cuda"])) == sorted(map(normal, CUDA.values()))
     assert Version(makefile_var("TORCHREC").split("==")[1]) == pin(CUDA["torchrec"])
-    assert {r.name for r in extras["test"]} == {"pytest", "hypothesis"}
+    assert {r.name for r in extras["test"]} == {"pytest", "pytest-xdist", "hypothesis"}
 
 
 # ---- Makefile -------------------------------------------------------------------------------------

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from comeir_dist.decode.beam import beam_search
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import training_samples, to_batch
 from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import make_tiny_dataset, tiny_run_config
+from tests.fixtures import assert_overfits, make_tiny_dataset, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +67,7 @@ def test_overfit_handful_of_sequences(tiny, tmp_path, variant):
     model, cfg = _model(tiny, tmp_path, variant)
     hist, tgt = training_samples(tiny, 8)
     batch = to_batch(hist[:8], tgt[:8], "cpu")
-    opt = torch.optim.AdamW(dense_parameters(model), lr=1e-2)
-    codes = model.catalog.item_codes(batch.target)
-    for _ in range(150):
-        loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        res = beam_search(model.decoder(batch), model.trie, 8, model.levels, 5)
-    assert torch.equal(res.codes[:, 0], codes), f"final loss {loss.item():.4f}"
+    assert_overfits(model, batch)
 
 
 def test_tables_trained_by_fused_optimizer_not_dense(tiny, tmp_path):

@@ -12,7 +12,8 @@ from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import to_batch, training_samples
 from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
+from tests.fixtures import (assert_decode_matches_teacher_forcing, assert_overfits, make_tiny_dataset,
+                            tiny_run_config)
 
 VARIANTS = ("comeir", "flatten", "tm")
 # (decoding, nezha_delta)
@@ -55,9 +56,7 @@ def test_decode_step_matches_teacher_forcing(tiny, tmp_path, variant, decoding, 
     """Along the target path (one beam), the decoder's level-l logits equal the training path's."""
     model, _ = _model(tiny, tmp_path, variant, decoding, delta)
     model.eval()
-    batch = _batch(tiny)
-    codes = model.catalog.item_codes(batch.target)
-    assert_decode_matches_teacher_forcing(model, batch)
+    assert_decode_matches_teacher_forcing(model, _batch(tiny))
 
 
 @pytest.mark.parametrize("decoding,delta", DECODINGS)
@@ -147,17 +146,7 @@ def test_overfit_handful_of_sequences(tiny, tmp_path, variant, delta):
     """A few sequences are memorised under NEZHA: beam search ranks every target's SID first."""
     model, _ = _model(tiny, tmp_path, variant, "nezha", delta)
     batch = _batch(tiny, 8)
-    opt = torch.optim.AdamW(dense_parameters(model), lr=1e-2)
-    codes = model.catalog.item_codes(batch.target)
-    for _ in range(150):
-        loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        res = beam_search(model.decoder(batch), model.trie, 8, model.levels, 5)
-    assert torch.equal(res.codes[:, 0], codes), f"final loss {loss.item():.4f}"
+    assert_overfits(model, batch)
 
 
 def test_nezha_parameters_are_dense_and_trained(tiny, tmp_path):
