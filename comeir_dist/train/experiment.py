@@ -162,16 +162,19 @@ def _trained_earlier(run_cfg: RunConfig, run_dir: Path) -> bool:
     hashes equal): a rerun after the test evaluation was interrupted only evaluates."""
     from comeir_dist.config.base import parse_section
     from comeir_dist.train.checkpoint_simple import COMMIT
+    from comeir_dist.train.schedule import resolve_budget
 
     summary, meta = run_dir / "summary.json", run_dir / "best" / "meta.json"
     if not (summary.is_file() and meta.is_file() and (run_dir / "best" / COMMIT).is_file()):
         return False
     try:
-        done = json.loads(summary.read_text()).get("stop_reason") is not None
+        info = json.loads(summary.read_text())
         saved = parse_section(RunConfig, json.loads(meta.read_text())["config"])
-    except (ValueError, KeyError, UserError):
+        # best/ holds the config as trained: epoch budgets resolved to steps over the run's training samples
+        resolved = resolve_budget(run_cfg, int(info["train_samples"]))
+    except (ValueError, KeyError, TypeError, UserError):
         return False
-    return done and config_hash(saved) == config_hash(run_cfg)
+    return info.get("stop_reason") is not None and config_hash(saved) == config_hash(resolved)
 
 
 def _evaluate_test(best: Path, out: Path) -> dict:

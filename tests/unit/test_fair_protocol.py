@@ -145,7 +145,8 @@ def test_interrupted_test_evaluation_reruns_without_training_in_a_fresh_process(
     import comeir_dist.train.loop as loop
     from comeir_dist.train import experiment
 
-    cfg = tiny_run_config(tiny, tmp_path / "exp", max_steps=4, eval_every=2, lr_schedule="plateau")
+    # an epoch budget: best/ holds it resolved to steps, the rerun's config does not
+    cfg = tiny_run_config(tiny, tmp_path / "exp", max_epochs=1.5, eval_every=2, lr_schedule="plateau")
     experiment.run_experiment(cfg, ["comeir"], seeds=1)
     result = tmp_path / "exp" / "results" / "comeir-seed42.json"
     first = json.loads(result.read_text())
