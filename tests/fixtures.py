@@ -75,23 +75,33 @@ def assert_decode_matches_teacher_forcing(model, batch, rtol=1e-4, atol=1e-4):
     return tf
 
 
-def assert_overfits(model, batch, steps=150, lr=1e-2, beam_size=5):
-    """Dense AdamW on one batch (the fused tables update in backward) until beam search ranks every target's SID
-    first."""
+def train_dense_steps(model, batch, steps=1, lr=1e-2, weight_decay=0.01):
+    """Dense AdamW steps on one batch with the constrained SID loss (the fused tables update inside backward);
+    returns the last loss."""
     import torch
 
-    from comeir_dist.decode.beam import beam_search
     from comeir_dist.model.loss import constrained_sid_loss
     from comeir_dist.train.setup import dense_parameters
 
-    opt = torch.optim.AdamW(dense_parameters(model), lr=lr)
+    opt = torch.optim.AdamW(dense_parameters(model), lr=lr, weight_decay=weight_decay)
     codes = model.catalog.item_codes(batch.target)
     for _ in range(steps):
         loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return loss
+
+
+def assert_overfits(model, batch, steps=150, lr=1e-2, beam_size=5):
+    """150 dense steps on one batch, then beam search ranks every target's SID first."""
+    import torch
+
+    from comeir_dist.decode.beam import beam_search
+
+    loss = train_dense_steps(model, batch, steps, lr)
     model.eval()
+    codes = model.catalog.item_codes(batch.target)
     with torch.no_grad():
         res = beam_search(model.decoder(batch), model.trie, codes.shape[0], model.levels, beam_size)
     assert torch.equal(res.codes[:, 0], codes), f"final loss {loss.item():.4f}"

@@ -66,9 +66,7 @@ class ComeIRModel(nn.Module):
         self.reads = reads
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
                                      ablations, ecfg.d_max)
-        if head == "decoder":  # extension: ComeIR's inputs, the Normal-GR decoder of tm / flatten (code_decoder.py)
-            if decoding != "normal":
-                raise UserError("model.comeir_head=decoder needs model.decoding: normal")
+        if head == "decoder":  # extension (ModelConfig refuses it with nezha): the Normal-GR decoder of tm / flatten
             self.head = None
             self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))
         else:

@@ -15,7 +15,6 @@ file, and ``<run>/composition_usage.json``).
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -198,11 +197,10 @@ def _evaluate_test(best: Path, out: Path) -> dict:
 def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
     from comeir_dist.train.loop import train
 
-    if _trained_earlier(run_cfg, run_dir):
+    if not overwrite and _trained_earlier(run_cfg, run_dir):
         log.info("%s: trained earlier (summary.json, best/), evaluating best/ on the test split", run_dir)
     else:
         train(run_cfg, overwrite=overwrite)
-        gc.collect()
     summary = json.loads((run_dir / "summary.json").read_text())
     if not (run_dir / "best").is_dir():
         raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")

@@ -12,8 +12,9 @@ from comeir_dist.errors import UserError
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.loss import constrained_sid_loss
 from comeir_dist.train.samples import to_batch, training_samples
-from comeir_dist.train.setup import build_sharded_model, dense_parameters, load_inputs
-from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
+from comeir_dist.train.setup import build_sharded_model, load_inputs
+from tests.fixtures import (assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config,
+                            train_dense_steps)
 
 FULL = {"compose": True, "alpha": 0.4, "bos_queries": 4}
 # (variant, decor section) of the composition settings checked for decoder == teacher forcing and causality
@@ -41,14 +42,7 @@ def _batch(ds, n=12):
 
 
 def _step(model, batch, steps=1, lr=1e-2):
-    opt = torch.optim.AdamW(dense_parameters(model), lr=lr, weight_decay=0.1)
-    codes = model.catalog.item_codes(batch.target)
-    for _ in range(steps):
-        loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return loss
+    return train_dense_steps(model, batch, steps, lr, weight_decay=0.1)
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -214,8 +208,7 @@ def test_kv_cached_decoder_equals_teacher_forcing(tiny, tmp_path, variant, decor
     _step(model, _batch(tiny), steps=2)  # away from the initialisation
     model.eval()
     batch = _batch(tiny)
-    codes = model.catalog.item_codes(batch.target)
-    tf = assert_decode_matches_teacher_forcing(model, batch)
+    assert_decode_matches_teacher_forcing(model, batch)
     with torch.no_grad():
         small = HistoryBatch(batch.items[:3])
         res = beam_search(model.decoder(small), model.trie, 3, model.levels, beam_size=model.catalog.num_items + 8)
