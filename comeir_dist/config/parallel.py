@@ -33,6 +33,10 @@ class ParallelConfig(Section):
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="Write run/checkpoints/step-N (sharded tables, dense + optimizer, data position, RNG) "
         "every N steps and when training stops; None = no step checkpoints (only best/).")
+    checkpoint_at_eval: Optional[bool] = Field(
+        None, description="Also write run/checkpoints/step-N after every validation, so an interrupted run resumes from its "
+        "last validation. None = on under `comeir experiment` (rerunning the same command continues an interrupted "
+        "run), off for `comeir train`.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed step checkpoints kept (older ones are deleted).")
     resume: Optional[bool] = Field(
         None, description="Continue from the newest committed run/checkpoints/step-N. None = yes if one exists.")

@@ -88,11 +88,20 @@ def _check_composition(run_cfg: RunConfig, name: str) -> None:
                         f"{m.variant}, {m.decoding}); run composition arms with --variants flatten or tm")
 
 
+# parallel.* fields that only say how a run saves and resumes its state
+RESUME_FIELDS = ("checkpoint_every", "checkpoint_at_eval", "keep_checkpoints", "resume")
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Identity of a run's settings (everything but ``out``), so a result file is reused only for its config.
     Values equal to their defaults are left out, so a new config option does not invalidate old result files."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.pop("out", None)
+    parallel = data.get("parallel") or {}
+    for bookkeeping in RESUME_FIELDS:  # where and how often a run saves its state does not change its result
+        parallel.pop(bookkeeping, None)
+    if not parallel:
+        data.pop("parallel", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,6 +157,8 @@ def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunCo
 
     data = cfg.model_dump()
     data["model"]["variant"], data["seed"], data["out"] = variant, seed, str(run_dir)
+    if data["parallel"].get("checkpoint_at_eval") is None:  # a rerun continues an interrupted run
+        data["parallel"]["checkpoint_at_eval"] = True
     return parse_section(RunConfig, data, source=f"--variants {variant} (config {cfg.out})")
 
 

@@ -276,6 +276,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                disable=not env.is_main)
     stop_reason = loop.get("stop_reason") or "max_steps"
     last_saved = step if latest is not None else -1
+    checkpoints = bool(pc.checkpoint_every or pc.checkpoint_at_eval)
     while step < tc.max_steps and loop.get("stop_reason") is None:
         epoch_before = sampler.epoch
         idx = sampler.next()
@@ -310,7 +311,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
         out_of_time = elapsed() > budget
         if tc.max_minutes and world > 1:  # every rank must take the same decision
             out_of_time = all_reduce_sum([float(out_of_time)], env)[0] > 0
-        if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
+        validated = step % tc.eval_every == 0 or step == tc.max_steps or out_of_time
+        if validated:
             m = sharded_validation(dense.inference, val_hist, val_target, cfg, env)
             ndcg = m["item/ndcg@10"]
             loop["history"].append({"step": step, "elapsed_s": elapsed(), **m})
@@ -334,12 +336,13 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                     loop["stop_reason"] = "early_stopping"
         if out_of_time and loop.get("stop_reason") is None:
             loop["stop_reason"] = "max_minutes"
-        if pc.checkpoint_every and (step % pc.checkpoint_every == 0 or loop.get("stop_reason") is not None):
+        if checkpoints and ((pc.checkpoint_every and step % pc.checkpoint_every == 0) or (pc.checkpoint_at_eval and validated)
+                            or loop.get("stop_reason") is not None):
             save_step_checkpoint()
             last_saved = step
     bar.close()
     stop_reason = loop.get("stop_reason") or stop_reason
-    if pc.checkpoint_every and last_saved != step:
+    if checkpoints and last_saved != step:
         save_step_checkpoint()
     test = None
     if tc.final_test:  # the final (not the best) weights, all test users, merged exactly over ranks

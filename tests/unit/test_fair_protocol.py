@@ -139,6 +139,44 @@ def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
         experiment.run_experiment(changed, ["tm"], seeds=1)
 
 
+def test_interrupted_training_resumes_from_its_last_validation(tiny, tmp_path, monkeypatch):
+    """Experiment runs checkpoint at every validation: a run killed after its first validation continues from that
+    step when the same command is rerun, and ends with the result of an uninterrupted run."""
+    from comeir_dist.train import checkpoint as ckpt
+    from comeir_dist.train import experiment
+
+    whole = tiny_run_config(tiny, tmp_path / "whole", max_steps=4, eval_every=2, lr_schedule="plateau")
+    experiment.run_experiment(whole, ["tm"], seeds=1)
+    cut = tiny_run_config(tiny, tmp_path / "cut", max_steps=4, eval_every=2, lr_schedule="plateau")
+    save = ckpt.save_run_checkpoint
+
+    def save_then_die(out, step, **kw):
+        save(out, step, **kw)
+        raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
+
+    monkeypatch.setattr(ckpt, "save_run_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(cut, ["tm"], seeds=1)
+    run_dir = tmp_path / "cut" / "tm-seed42"
+    assert (run_dir / "checkpoints" / "step-2").is_dir() and not (run_dir / "summary.json").exists()
+    monkeypatch.setattr(ckpt, "save_run_checkpoint", save)
+    experiment.run_experiment(cut, ["tm"], seeds=1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [v["step"] for v in summary["validation"]] == [2, 4]
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the log continues, nothing repeated
+    a, b = (json.loads((tmp_path / d / "results" / "tm-seed42.json").read_text()) for d in ("whole", "cut"))
+    assert a["config_hash"] == b["config_hash"]
+    assert a["best_step"] == b["best_step"] and a["valid_best"] == pytest.approx(b["valid_best"], abs=1e-6)
+    assert a["metrics"]["item/ndcg@10"] == pytest.approx(b["metrics"]["item/ndcg@10"], abs=1e-6)
+    # how a run saves its state is not part of its identity (committed result files stay valid)
+    plain = experiment._run_config(whole, "tm", 42, run_dir)
+    quiet = plain.model_copy(deep=True)
+    quiet.parallel.checkpoint_at_eval, quiet.parallel.keep_checkpoints = False, 5
+    assert plain.parallel.checkpoint_at_eval is True
+    assert experiment.config_hash(quiet) == experiment.config_hash(plain) == b["config_hash"]
+
+
 def test_interrupted_test_evaluation_reruns_without_training_in_a_fresh_process(tiny, tmp_path, monkeypatch):
     """Training finished but the result file is missing (the test evaluation was killed): a rerun evaluates best/
     only; large tables are tested in a fresh process (here forced by a 0-byte threshold) with the same metrics."""
