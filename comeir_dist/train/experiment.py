@@ -167,6 +167,44 @@ def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunCo
 CHILD_EVAL_TABLE_BYTES = 1 << 30
 
 
+def table_bytes(run_cfg: RunConfig) -> int:
+    """Bytes of the run's Engram tables (0 for variants without them)."""
+    from comeir_dist.engram.sizing import table_specs
+
+    if run_cfg.model.variant != "comeir":
+        return 0
+    width = 2 if run_cfg.engram.table_dtype == "fp16" else 4
+    return width * sum(s.params for s in table_specs(run_cfg.engram))
+
+
+def _train_run(run_cfg: RunConfig, overwrite: bool) -> None:
+    """``train`` in this process, or in a fresh one when the tables are large: the process that trained keeps the
+    model (DeepSpeed's hooks hold it in reference cycles), and the test evaluation that follows would need a second
+    copy next to it (an s_T = 8 run was OOM-killed on 24 GiB that way). A child's memory is returned when it exits."""
+    from comeir_dist.train.loop import train
+
+    if table_bytes(run_cfg) <= CHILD_EVAL_TABLE_BYTES:
+        train(run_cfg, overwrite=overwrite)
+        return
+    import multiprocessing as mp
+
+    log.info("%s: %.1f GB of tables, training in a fresh process", run_cfg.out, table_bytes(run_cfg) / 1e9)
+    child = mp.get_context("spawn").Process(target=_train_child, args=(run_cfg.model_dump(mode="json"), overwrite))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"{run_cfg.out}: the training process failed (exit code {child.exitcode}); rerun the same "
+                        "command to continue from its last validation")
+
+
+def _train_child(data: dict, overwrite: bool) -> None:
+    from comeir_dist.config.base import parse_section
+    from comeir_dist.train.loop import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(parse_section(RunConfig, data, source="comeir experiment (training process)"), overwrite=overwrite)
+
+
 def _trained_earlier(run_cfg: RunConfig, run_dir: Path) -> bool:
     """A finished training of this very config (summary.json with a stop reason, a committed best/ whose config
     hashes equal): a rerun after the test evaluation was interrupted only evaluates."""
@@ -206,12 +244,10 @@ def _evaluate_test(best: Path, out: Path) -> dict:
 
 
 def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
-    from comeir_dist.train.loop import train
-
     if not overwrite and _trained_earlier(run_cfg, run_dir):
         log.info("%s: trained earlier (summary.json, best/), evaluating best/ on the test split", run_dir)
     else:
-        train(run_cfg, overwrite=overwrite)
+        _train_run(run_cfg, overwrite)
     summary = json.loads((run_dir / "summary.json").read_text())
     if not (run_dir / "best").is_dir():
         raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")

@@ -177,6 +177,31 @@ def test_interrupted_training_resumes_from_its_last_validation(tiny, tmp_path, m
     assert experiment.config_hash(quiet) == experiment.config_hash(plain) == b["config_hash"]
 
 
+def test_large_table_runs_train_in_a_fresh_process(tiny, tmp_path, monkeypatch):
+    """Above the table-size threshold (here 0 bytes) a run trains in a spawned process, with the result of training
+    in this one; tm has no tables and stays in process."""
+    from comeir_dist.train import experiment
+
+    here = tiny_run_config(tiny, tmp_path / "here", max_steps=4, eval_every=2, lr_schedule="plateau")
+    experiment.run_experiment(here, ["comeir"], seeds=1)
+    run_cfg = experiment._run_config(here, "comeir", 42, tmp_path / "x")
+    assert experiment.table_bytes(run_cfg) == 4 * sum(
+        p.numel() for p in experiment_tables(run_cfg))
+    assert experiment.table_bytes(experiment._run_config(here, "tm", 42, tmp_path / "x")) == 0
+    monkeypatch.setattr(experiment, "CHILD_EVAL_TABLE_BYTES", 0)
+    child = tiny_run_config(tiny, tmp_path / "child", max_steps=4, eval_every=2, lr_schedule="plateau")
+    experiment.run_experiment(child, ["comeir"], seeds=1)
+    a, b = (json.loads((tmp_path / d / "results" / "comeir-seed42.json").read_text()) for d in ("here", "child"))
+    assert a["best_step"] == b["best_step"] and a["valid_best"] == pytest.approx(b["valid_best"], abs=1e-5)
+    assert a["metrics"]["item/ndcg@10"] == pytest.approx(b["metrics"]["item/ndcg@10"], abs=1e-5)
+
+
+def experiment_tables(run_cfg):
+    from comeir_dist.model.engram_memory import EngramTables
+
+    return EngramTables(run_cfg.engram).parameters()
+
+
 def test_interrupted_test_evaluation_reruns_without_training_in_a_fresh_process(tiny, tmp_path, monkeypatch):
     """Training finished but the result file is missing (the test evaluation was killed): a rerun evaluates best/
     only; large tables are tested in a fresh process (here forced by a 0-byte threshold) with the same metrics."""
