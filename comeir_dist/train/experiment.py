@@ -225,9 +225,27 @@ def _trained_earlier(run_cfg: RunConfig, run_dir: Path) -> bool:
     return info.get("stop_reason") is not None and config_hash(saved) == config_hash(resolved)
 
 
+def _tested_earlier(best: Path, out: Path) -> dict | None:
+    """``out`` (test.json) when it was written after best/ was committed, for best/'s step: the test evaluation
+    finished although the process that started it did not (a rerun then only collects it)."""
+    from comeir_dist.train.checkpoint_simple import COMMIT
+
+    try:
+        res, meta = json.loads(out.read_text()), json.loads((best / "meta.json").read_text())
+        fresh = out.stat().st_mtime >= (best / COMMIT).stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    ok = fresh and isinstance(res, dict) and res.get("split") == "test" and res.get("step") == meta.get("step")
+    return res if ok and isinstance(res.get("metrics"), dict) else None
+
+
 def _evaluate_test(best: Path, out: Path) -> dict:
     from comeir_dist.eval.run_eval import run_evaluate
 
+    earlier = _tested_earlier(best, out)
+    if earlier is not None:
+        log.info("%s: tested earlier (%s)", best, out)
+        return earlier
     tables = best / "tables.pt"
     if not (tables.is_file() and tables.stat().st_size > CHILD_EVAL_TABLE_BYTES):
         return run_evaluate(str(best), "test", str(out))

@@ -214,11 +214,24 @@ def test_interrupted_test_evaluation_reruns_without_training_in_a_fresh_process(
     result = tmp_path / "exp" / "results" / "comeir-seed42.json"
     first = json.loads(result.read_text())
     result.unlink()
+    (tmp_path / "exp" / "comeir-seed42" / "test.json").unlink()  # the evaluation was killed before writing it
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("finished training retrained"))
     monkeypatch.setattr(experiment, "CHILD_EVAL_TABLE_BYTES", 0)
     experiment.run_experiment(cfg, ["comeir"], seeds=1)
     again = json.loads(result.read_text())
     assert again["metrics"] == first["metrics"] and again["best_step"] == first["best_step"]
+    # the evaluation itself had finished (test.json newer than best/): a rerun only collects it
+    result.unlink()
+    monkeypatch.setattr(experiment, "CHILD_EVAL_TABLE_BYTES", 1 << 40)
+    import comeir_dist.eval.run_eval as run_eval
+    monkeypatch.setattr(run_eval, "run_evaluate", lambda *a, **k: pytest.fail("finished test evaluation rerun"))
+    experiment.run_experiment(cfg, ["comeir"], seeds=1)
+    assert json.loads(result.read_text())["metrics"] == first["metrics"]
+    test_json = tmp_path / "exp" / "comeir-seed42" / "test.json"
+    stale = json.loads(test_json.read_text())
+    stale["step"] += 1  # written for another best/ step: evaluated again
+    test_json.write_text(json.dumps(stale))
+    assert experiment._tested_earlier(test_json.parent / "best", test_json) is None
     changed = cfg.model_copy(deep=True)  # another config in the same run dir is not "trained earlier"
     changed.train.lr = 1e-2
     assert not experiment._trained_earlier(changed, tmp_path / "exp" / "comeir-seed42")
