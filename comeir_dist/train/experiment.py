@@ -183,18 +183,13 @@ def _train_run(run_cfg: RunConfig, overwrite: bool) -> None:
     copy next to it (an s_T = 8 run was OOM-killed on 24 GiB that way). A child's memory is returned when it exits."""
     from comeir_dist.train.loop import train
 
-    if table_bytes(run_cfg) <= CHILD_EVAL_TABLE_BYTES:
+    size = table_bytes(run_cfg)
+    if size <= CHILD_EVAL_TABLE_BYTES:
         train(run_cfg, overwrite=overwrite)
         return
-    import multiprocessing as mp
-
-    log.info("%s: %.1f GB of tables, training in a fresh process", run_cfg.out, table_bytes(run_cfg) / 1e9)
-    child = mp.get_context("spawn").Process(target=_train_child, args=(run_cfg.model_dump(mode="json"), overwrite))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise UserError(f"{run_cfg.out}: the training process failed (exit code {child.exitcode}); rerun the same "
-                        "command to continue from its last validation")
+    log.info("%s: %.1f GB of tables, training in a fresh process", run_cfg.out, size / 1e9)
+    _in_fresh_process(_train_child, (run_cfg.model_dump(mode="json"), overwrite),
+                      f"{run_cfg.out}: the training process failed", "continue from its last validation")
 
 
 def _train_child(data: dict, overwrite: bool) -> None:
@@ -249,16 +244,21 @@ def _evaluate_test(best: Path, out: Path) -> dict:
     tables = best / "tables.pt"
     if not (tables.is_file() and tables.stat().st_size > CHILD_EVAL_TABLE_BYTES):
         return run_evaluate(str(best), "test", str(out))
+    log.info("%s: %.1f GB of tables, testing in a fresh process", best, tables.stat().st_size / 1e9)
+    _in_fresh_process(run_evaluate, (str(best), "test", str(out)),
+                      f"{best}: the test evaluation process failed", "evaluate again without retraining")
+    return json.loads(out.read_text())
+
+
+def _in_fresh_process(target, args: tuple, failed: str, rerun: str) -> None:
+    """``target(*args)`` in a spawned process (its memory is returned when it exits); a failure is one UserError."""
     import multiprocessing as mp
 
-    log.info("%s: %.1f GB of tables, testing in a fresh process", best, tables.stat().st_size / 1e9)
-    child = mp.get_context("spawn").Process(target=run_evaluate, args=(str(best), "test", str(out)))
+    child = mp.get_context("spawn").Process(target=target, args=args)
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise UserError(f"{best}: the test evaluation process failed (exit code {child.exitcode}); rerun the same "
-                        "command to evaluate again without retraining")
-    return json.loads(out.read_text())
+        raise UserError(f"{failed} (exit code {child.exitcode}); rerun the same command to {rerun}")
 
 
 def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> dict:
