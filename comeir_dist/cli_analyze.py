@@ -9,6 +9,10 @@ Exit status 0, or 2 with one line on a bad flag, a missing dataset / SIDs, or a 
 (``alpha = sigmoid(k (MSP - tau))``) fusion of a SID model with SASRec from their ``comeir evaluate --save-top``
 files, parameters chosen on validation, reported on test; see :mod:`comeir_dist.analysis.ensemble`.
 
+``comeir analyze paired --runs A B [--dataset DIR] [--split test] [--metric item/ndcg@10]``: A minus B over the
+users both answered, with the paired standard error (:mod:`comeir_dist.analysis.paired`); a run named
+``popular`` is the most-popular baseline of ``--dataset``.
+
 ``comeir analyze keys --config FILE [--dataset DIR] [--set KEY=VALUE ...] [--out FILE.json]``: occupancy and
 private-row share of every Engram table on the dataset's training sequences; see
 :mod:`comeir_dist.analysis.key_tables`.
@@ -85,6 +89,59 @@ def run_ensemble_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+POPULAR_RUN = "popular"
+
+
+def add_paired_flags(p: argparse.ArgumentParser) -> None:
+    from comeir_dist.analysis.paired import METRIC
+    from comeir_dist.analysis.runs import METRICS
+
+    p.add_argument("--runs", nargs=2, required=True, metavar="[NAME=]PATH",
+                   help="the two runs, A then B: run dirs with <split>.users.parquet, *.users.parquet files or "
+                        f"experiment result files; '{POPULAR_RUN}' = the most-popular baseline of --dataset")
+    p.add_argument("--dataset", help=f"prepared dataset dir (needed for '{POPULAR_RUN}')")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="default test")
+    p.add_argument("--metric", choices=METRICS, default=METRIC, help=f"default {METRIC}")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
+    """``(name, user_idx, values)`` of one side of ``comeir analyze paired``."""
+    from comeir_dist.analysis.paired import users_file_values
+    from comeir_dist.analysis.runs import resolve_runs
+    from comeir_dist.errors import UserError
+
+    if spec == POPULAR_RUN:
+        from comeir_dist.data.dataset import check_dataset_dir
+        from comeir_dist.eval.popular import popular_per_user
+
+        if not args.dataset:
+            raise UserError(f"--runs {POPULAR_RUN}: the baseline needs --dataset DIR (the runs' dataset)")
+        check_dataset_dir(args.dataset)
+        return (POPULAR_RUN, *popular_per_user(args.dataset, args.split, args.metric))
+    run = resolve_runs([spec])[0]
+    if args.split not in run.files:
+        raise UserError(f"--runs {spec}: no {args.split} per-user results (has {', '.join(sorted(run.files))})")
+    return (run.name, *users_file_values(run.files[args.split], args.metric))
+
+
+def run_paired_cli(args: argparse.Namespace) -> int:
+    import json
+
+    from comeir_dist.analysis.paired import align, paired_difference
+
+    (na, ua, va), (nb, ub, vb) = (_paired_side(s, args) for s in args.runs)
+    a, b = align(ua, va, ub, vb, na, nb)
+    res = paired_difference(a, b, args.metric)
+    if args.json:
+        print(json.dumps({"a": na, "b": nb, "split": args.split, **res.as_dict()}, indent=2))
+    else:
+        print(f"{args.split} {res.metric} over {res.users} users: {na} {res.mean_a:.4f}, {nb} {res.mean_b:.4f}; "
+              f"{na} - {nb} = {res.diff:+.4f} ± {res.se:.4f} (paired s.e., {res.z:+.1f} s.e.); better for "
+              f"{res.a_better} / {res.b_better} users")
+    return 0
+
+
 def add_keys_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config YAML of a comeir run (its engram section)")
     p.add_argument("--dataset", help="prepared dataset dir (default: the config's)")
@@ -116,6 +173,9 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("ensemble", help="fuse a SID model with SASRec per instance (fixed weight and adaptive "
                         "sigmoid(k (MSP - tau))), chosen on validation NDCG@10, reported on test")
     add_ensemble_flags(q)
+    q = asub.add_parser("paired", help="A minus B on the same users: mean per-user difference of a metric and its "
+                        "paired standard error (is A better than B on these users?)")
+    add_paired_flags(q)
     q = asub.add_parser("keys", help="how the training sequences fill the Engram tables: occupancy and the share "
                         "of rows only one user addresses, per (memory, level, order)")
     add_keys_flags(q)
@@ -126,6 +186,8 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
             return run_memgen_cli(args)
         if args.analyze_cmd == "ensemble":
             return run_ensemble_cli(args)
+        if args.analyze_cmd == "paired":
+            return run_paired_cli(args)
         if args.analyze_cmd == "keys":
             return run_keys_cli(args)
         raise AssertionError(args.analyze_cmd)

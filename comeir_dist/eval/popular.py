@@ -19,22 +19,41 @@ def item_popularity(dataset: str) -> np.ndarray:
     return counts
 
 
-def popular_metrics(cfg: RunConfig, split: str, depth: int | None = None) -> dict:
-    """Metric means (+ standard errors) of the baseline on ``split`` (valid / test), over all its users."""
-    ks = cfg.eval.ks
-    depth = depth or max(max(ks), cfg.eval.beam_size)
-    counts = item_popularity(cfg.dataset)
+def popular_ranks(dataset: str, split: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(user_idx, rank)`` of the baseline on ``split``: the 1-based rank of each user's target among the
+    ``depth`` recommendations, 0 = not recommended."""
+    counts = item_popularity(dataset)
     order = np.argsort(-counts, kind="stable")  # ties: lower item index first (deterministic)
-    table = read_split(cfg.dataset, split)
+    table = read_split(dataset, split)
     hists, targets = table.column("history").to_pylist(), np.asarray(table.column("target").to_pylist())
-    rank = np.zeros(len(targets), dtype=np.int64)  # 1-based rank of the target among the recommendations, 0 = miss
+    rank = np.zeros(len(targets), dtype=np.int64)
     # only the first len(history) + depth popular items can matter for a user
     for u, (hist, tgt) in enumerate(zip(hists, targets)):
         seen = set(hist)
         cand = [i for i in order[:len(seen) + depth].tolist() if i not in seen][:depth]
         if tgt in cand:
             rank[u] = cand.index(tgt) + 1
+    return table.column("user_idx").to_numpy().astype(np.int64), rank
+
+
+def _ranked(rank: np.ndarray, depth: int) -> tuple:
+    """``(P, G, found, sid_rank)`` of the metrics: one item per recommendation (``G = 1``)."""
     found = rank > 0
     P = np.where(found, rank - 1, depth)
-    sums = MetricSums.from_arrays(P, np.ones_like(P), found, rank, ks)
-    return sums.means()
+    return P, np.ones_like(P), found, rank
+
+
+def popular_metrics(cfg: RunConfig, split: str, depth: int | None = None) -> dict:
+    """Metric means (+ standard errors) of the baseline on ``split`` (valid / test), over all its users."""
+    depth = depth or max(max(cfg.eval.ks), cfg.eval.beam_size)
+    _, rank = popular_ranks(cfg.dataset, split, depth)
+    return MetricSums.from_arrays(*_ranked(rank, depth), cfg.eval.ks).means()
+
+
+def popular_per_user(dataset: str, split: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(user_idx, values)``: the baseline's per-user ``metric`` (``item/ndcg@10`` ...) on ``split``."""
+    from comeir_dist.eval.metrics import per_user_metrics
+
+    depth = int(metric.rsplit("@", 1)[1])  # metrics@K only see the top K
+    users, rank = popular_ranks(dataset, split, depth)
+    return users, per_user_metrics(*_ranked(rank, depth), (depth,))[metric]

@@ -126,10 +126,10 @@ def format_table(rows: list[dict]) -> str:
         by_label.setdefault(r["label"], []).append(r)
     popular = (statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[POPULAR])
                if POPULAR in by_label else None)
-    ratio_head = " | ndcg@10 / popular" if popular else ""
+    ratio_head = " | ndcg@10 / popular | ndcg@10 - popular (paired s.e.)" if popular else ""
     head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns) + ratio_head
             + " | valid ndcg@10 (± s.e.) | best step (epoch) | min to best | eval ms/user |")
-    lines = [head, "|" + "---|" * (len(columns) + 7 + bool(popular))]
+    lines = [head, "|" + "---|" * (len(columns) + 7 + 2 * bool(popular))]
     order = sorted(by_label, key=lambda k: -statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[k]))
     for label in order:
         rs = by_label[label]
@@ -145,9 +145,22 @@ def format_table(rows: list[dict]) -> str:
         ms, _ = _mean_std([r["ms_per_user"] for r in rs])
         if popular:
             cells.append(f"{statistics.fmean(r['metrics']['item/ndcg@10'] for r in rs) / popular:.2f}x")
+            cells.append(_paired_cell(rs))
         lines.append(f"| {label} | {_size(rs[0])} | {len(rs)} | " + " | ".join(cells)
                      + f" | {v:.4f} ± {se:.4f} | {bs:.0f} ({be:.2f}) | {bm:.1f} | {ms:.2f} |")
     return "\n".join(lines)
+
+
+def _paired_cell(rs: list[dict]) -> str:
+    """Mean over seeds of the paired difference to popular and of its standard error (each seed's users are the
+    same test users, so the s.e. is not divided again); '-' for rows without per-user results."""
+    paired = [r["vs_popular"] for r in rs if r.get("vs_popular")]
+    if not paired:
+        return "-"
+    diff = statistics.fmean(p["diff"] for p in paired)
+    se = statistics.fmean(p["se"] for p in paired)
+    z = f", {diff / se:.1f} s.e." if se > 0 else ""
+    return f"{diff:+.4f} ± {se:.4f}{z}" + (f" ({len(paired)} of {len(rs)} seeds)" if len(paired) < len(rs) else "")
 
 
 def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunConfig:
@@ -270,6 +283,7 @@ def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) 
     if not (run_dir / "best").is_dir():
         raise UserError(f"{run_dir}: training wrote no best/ checkpoint (train.save_best is off?)")
     res = _evaluate_test(run_dir / "best", run_dir / "test.json")
+    paired = _vs_popular(run_cfg, run_dir)
     best = [v for v in summary["validation"] if v["step"] == summary["best_step"]]
     best = best[0] if best else {}
     return {"metrics": res["metrics"], "ms_per_user": res["ms_per_user"], "steps": summary["steps"],
@@ -278,7 +292,28 @@ def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) 
             "train_minutes": summary["train_minutes"], "stop_reason": summary["stop_reason"],
             "train_samples": summary.get("train_samples"), "valid_best": summary["best_valid_ndcg@10"],
             "valid_best_se": best.get("se/item/ndcg@10", 0.0),
-            "validation": [{"step": v["step"], "item/ndcg@10": v["item/ndcg@10"]} for v in summary["validation"]]}
+            "validation": [{"step": v["step"], "item/ndcg@10": v["item/ndcg@10"]} for v in summary["validation"]],
+            **({"vs_popular": paired} if paired else {})}
+
+
+def _vs_popular(run_cfg: RunConfig, run_dir: Path) -> dict | None:
+    """Test NDCG@10 minus the most-popular baseline's, paired over users (analysis.paired), from the run's
+    ``test.users.parquet``; None without that file."""
+    from comeir_dist.analysis.paired import vs_popular
+
+    users = run_dir / "test.users.parquet"
+    return vs_popular(run_cfg.dataset, users) if users.is_file() else None
+
+
+def _tested_as(run_dir: Path, row: dict) -> bool:
+    """Whether ``run_dir``'s test.json / test.users.parquet are the evaluation a result file reports (results
+    written before the paired comparison existed get it on a rerun)."""
+    try:
+        test = json.loads((run_dir / "test.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ((run_dir / "test.users.parquet").is_file() and isinstance(test, dict)
+            and test.get("metrics", {}).get("item/ndcg@10") == row["metrics"].get("item/ndcg@10"))
 
 
 def _popular(run_cfg: RunConfig) -> dict:
@@ -378,6 +413,8 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
                 old = json.loads(result_path.read_text())
                 if old.get("config_hash") == h:
                     log.info("%s: finished earlier (%s), skipped", key, result_path)
+                    if variant != POPULAR and "vs_popular" not in old and _tested_as(run_dir, old):
+                        write_json(result_path, {**old, "vs_popular": _vs_popular(run_cfg, run_dir)})
                     continue
                 raise UserError(f"{result_path}: a result for {key} with a different config exists "
                                 f"(hash {old.get('config_hash')} vs {h}); use --label to name this setting")

@@ -130,8 +130,18 @@ def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
     row = json.loads((tmp_path / "exp" / "results" / "tm-seed42.json").read_text())
     assert row["best_step"] in (2, 4) and "se/item/ndcg@10" in row["metrics"] and row["valid_best_se"] >= 0
     assert "| tm |" in table and "| popular |" in table
-    # a rerun (e.g. on a new machine with the committed result files) trains nothing
+    # the paired difference to popular over the same test users: its mean is the difference of the means
+    pop = json.loads((tmp_path / "exp" / "results" / "popular-seed42.json").read_text())
+    paired = row["vs_popular"]
+    assert paired["users"] == pop["metrics"]["users"] and paired["se"] >= 0
+    assert paired["diff"] == pytest.approx(row["metrics"]["item/ndcg@10"] - pop["metrics"]["item/ndcg@10"], abs=1e-9)
+    # a result written before the comparison existed gets it on a rerun, from the run's per-user file
+    path = tmp_path / "exp" / "results" / "tm-seed42.json"
+    path.write_text(json.dumps({k: v for k, v in row.items() if k != "vs_popular"}))
     monkeypatch.setattr(experiment, "_train_and_test", lambda *a, **k: pytest.fail("finished run retrained"))
+    experiment.run_experiment(cfg, ["popular", "tm"], seeds=2)
+    assert json.loads(path.read_text())["vs_popular"] == paired
+    # a rerun (e.g. on a new machine with the committed result files) trains nothing
     assert experiment.run_experiment(cfg, ["popular", "tm"], seeds=2) == table
     changed = cfg.model_copy(deep=True)
     changed.train.lr = 1e-2

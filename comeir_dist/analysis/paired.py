@@ -1,0 +1,94 @@
+"""Paired comparison of two rankers on the same users: the mean per-user difference of a metric and its
+standard error.
+
+Both rankers answer every user, so the user-to-user spread (most of each mean's own standard error: some users
+are easy for every model) cancels in the per-user differences. Judging a difference against the two means'
+separate standard errors treats the samples as independent and overstates the noise; the paired standard error
+``sd(a_u - b_u) / sqrt(n)`` is the one that decides whether A beats B on these users.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from comeir_dist.errors import UserError
+
+METRIC = "item/ndcg@10"
+
+
+@dataclass
+class PairedDifference:
+    """``a - b`` of one metric over the users both rankers answered."""
+
+    metric: str
+    users: int
+    mean_a: float
+    mean_b: float
+    diff: float      # mean of a_u - b_u
+    se: float        # standard error of that mean
+    z: float         # diff / se (0 when se = 0 and diff = 0)
+    a_better: int    # users with a_u > b_u
+    b_better: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, metric: str = METRIC) -> PairedDifference:
+    """Paired statistics of per-user values ``a`` and ``b`` (same users, same order)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired values need two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    d = a - b
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    diff = float(d.mean())
+    z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return PairedDifference(metric, len(d), float(a.mean()), float(b.mean()), diff, se, z,
+                            int((d > 0).sum()), int((d < 0).sum()))
+
+
+def align(users_a: np.ndarray, a: np.ndarray, users_b: np.ndarray, b: np.ndarray,
+          name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` in one user order; both must hold exactly the same users (else one line naming them)."""
+    ua, ub = np.asarray(users_a), np.asarray(users_b)
+    oa, ob = np.argsort(ua, kind="stable"), np.argsort(ub, kind="stable")
+    if len(ua) != len(ub) or not np.array_equal(ua[oa], ub[ob]):
+        only_a = np.setdiff1d(ua, ub)[:3].tolist()
+        only_b = np.setdiff1d(ub, ua)[:3].tolist()
+        raise UserError(f"{name_a} ({len(ua)} users) and {name_b} ({len(ub)} users) were not evaluated on the same "
+                        f"users (only in the first: {only_a}, only in the second: {only_b}); compare runs of one "
+                        "dataset and split")
+    if len(np.unique(ua)) != len(ua):
+        raise UserError(f"{name_a}: a user appears more than once")
+    return np.asarray(a)[oa], np.asarray(b)[ob]
+
+
+def users_file_values(path: Path, metric: str = METRIC) -> tuple[np.ndarray, np.ndarray]:
+    """``(user_idx, values)`` of ``metric`` from a run's ``*.users.parquet``."""
+    import pyarrow.parquet as pq
+
+    from comeir_dist.analysis.runs import METRICS, per_user_values
+
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric}: allowed values: {', '.join(METRICS)}")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is one line
+        raise UserError(f"{path}: cannot read Parquet ({exc})") from None
+    if "user_idx" not in table.column_names:
+        raise UserError(f"{path}: no user_idx column (has {', '.join(table.column_names)})")
+    users = table.column("user_idx").to_numpy(zero_copy_only=False).astype(np.int64)
+    return users, per_user_values(table, path)[:, METRICS.index(metric)]
+
+
+def vs_popular(dataset: str, users_file: Path, split: str = "test", metric: str = METRIC) -> dict:
+    """A run's per-user ``metric`` minus the most-popular baseline's on the same users (paired)."""
+    from comeir_dist.eval.popular import popular_per_user
+
+    ur, vr = users_file_values(users_file, metric)
+    up, vp = popular_per_user(dataset, split, metric)
+    a, b = align(ur, vr, up, vp, str(users_file), f"popular on {dataset} ({split})")
+    return paired_difference(a, b, metric).as_dict()
