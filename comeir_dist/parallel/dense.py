@@ -11,7 +11,8 @@ the same ``engine.backward(loss)``.
 World-size-independent dense state (used by run checkpoints, see ``train.checkpoint``):
 :meth:`DenseEngine.full_state_parts` returns, per trainable parameter, the full fp32 master weight and
 the full AdamW moments ``exp_avg`` / ``exp_avg_sq`` assembled from the ZeRO partitions with DeepSpeed's
-tensor-fragment API (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``), plus the AdamW
+tensor-fragment API (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``; the ZeRO-1/2 fragments of
+many parameters in one bucketed all-reduce), plus the AdamW
 step count. :meth:`DenseEngine.load_full_state` writes such a state back into ANY world size and ZeRO
 stage (``safe_set_full_*``), so a resume on M ranks continues the optimizer exactly where N ranks left it.
 """
@@ -33,6 +34,7 @@ from comeir_dist.train.schedule import PlateauScale, lr_factor
 log = logging.getLogger(__name__)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+GATHER_BUCKET_NUMEL = 1 << 25  # fp32 values (128 MB) per all-reduce when assembling full ZeRO-1/2 state
 
 
 def prepare_deepspeed(device: torch.device):
@@ -216,22 +218,58 @@ class DenseEngine:
                 return int(float(st["step"]))
         return 0
 
+    def _full_many(self, names: list[str], key: str | None, keep: set[str] | None = None) -> dict:
+        """:meth:`_full` of the parameters ``names`` (those in ``keep``, default all, are returned). ZeRO-1/2 (and bf16)
+        parameters are assembled from their fragments by one all-reduce per bucket of up to ``GATHER_BUCKET_NUMEL``
+        values instead of one per parameter: the same values (each element is held by exactly one rank, the others
+        add zeros), a few collectives instead of hundreds. Collective: every rank calls it with the same names."""
+        from deepspeed import comm as dist
+
+        keep = set(names) if keep is None else keep
+        out: dict = {}
+        buckets: list[tuple[object, list[str], int]] = []  # (dp group, names, values), in parameter order
+        for n in names:
+            p = self._params[n]
+            if not hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # no ZeRO / ZeRO-3: one at a time
+                v = self._full(n, key)
+                if n in keep:
+                    out[n] = v
+                continue
+            if not buckets or buckets[-1][0] is not p._dp_group or buckets[-1][2] + p.numel() > GATHER_BUCKET_NUMEL:
+                buckets.append((p._dp_group, [], 0))
+            group, members, size = buckets[-1]
+            members.append(n)
+            buckets[-1] = (group, members, size + p.numel())
+        for group, members, size in buckets:
+            buf = torch.zeros(size, dtype=torch.float32, device=self._params[members[0]].device)
+            offsets, off = {}, 0
+            for n in members:
+                p = self._params[n]
+                offsets[n] = off
+                if p._hp_mapping is not None:  # this rank's fragment of the parameter (as in get_full_hp_param)
+                    addr = p._hp_mapping.lp_fragment_address
+                    buf.narrow(0, off + addr.start, addr.numel).copy_(p._hp_mapping.get_hp_fragment(key).data)
+                off += p.numel()
+            dist.all_reduce(buf, group=group)
+            for n in members:
+                if n in keep:
+                    p = self._params[n]
+                    out[n] = buf.narrow(0, offsets[n], p.numel()).view(p.shape).float().cpu().clone()
+        return {n: out[n] for n in names if n in keep}
+
     def full_state_parts(self, rank: int, world: int, with_optimizer: bool = True) -> dict:
         """Full fp32 weights (+ AdamW moments) of the trainable parameters ``i`` with ``i % world == rank``.
-        Collective: every rank must call it (each parameter is assembled by an all-reduce)."""
+        Collective: every rank must call it (the parameters are assembled by all-reduces)."""
         out: dict = {"params": {}, **{k: {} for k in MOMENTS}}
         have_opt = with_optimizer and self.optimizer_step_count() > 0
-        for i, name in enumerate(self.names):
-            keep = i % world == rank
-            for key in ((None,) + (MOMENTS if have_opt else ())):
-                v = self._full(name, key)
-                if keep:
-                    out["params" if key is None else key][name] = v
+        mine = {name for i, name in enumerate(self.names) if i % world == rank}
+        for key in ((None,) + (MOMENTS if have_opt else ())):
+            out["params" if key is None else key] = self._full_many(self.names, key, mine)
         return out
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """All trainable fp32 master weights on every rank (collective). For small models / best/ export."""
-        return {n: self._full(n, None) for n in self.names}
+        return self._full_many(self.names, None)
 
     def load_full_state(self, params: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]] | None,
                         opt_step: int, zero_step: Callable[[], None]) -> None:
