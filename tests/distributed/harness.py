@@ -3,7 +3,9 @@
 ``run_ranks(world, fn, *args)`` starts ``world`` processes, each initialises the default process group
 (``tcp://127.0.0.1:<free port>``), runs ``fn(rank, world, *args)``, destroys the group and exits. A
 failure on any rank raises with that rank's traceback; a hang is killed after ``timeout`` seconds.
-``fn`` must be importable (module-level function) because the processes are spawned.
+``fn`` must be importable (module-level function) because the processes are started fresh: forked from a
+forkserver that has imported torch, TorchRec, DeepSpeed, transformers and the training loop once
+(``tests.distributed.preload``), so a launch does not pay those imports again in every rank process.
 """
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import os
 import queue
 import socket
 import traceback
-
-import torch.multiprocessing as mp
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -47,8 +47,18 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
             dist.destroy_process_group()
 
 
+def _context():
+    """The forkserver start method with the heavy imports preloaded (the preload takes effect when the forkserver
+    starts, i.e. at the first launch of this process)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.distributed.preload"])
+    return ctx
+
+
 def run_ranks(world: int, fn, *args, timeout: float = 300) -> None:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errors = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors), daemon=False) for r in range(world)]
