@@ -75,9 +75,9 @@ def assert_decode_matches_teacher_forcing(model, batch, rtol=1e-4, atol=1e-4):
     return tf
 
 
-def train_dense_steps(model, batch, steps=1, lr=1e-2, weight_decay=0.01):
-    """Dense AdamW steps on one batch with the constrained SID loss (the fused tables update inside backward);
-    returns the last loss."""
+def dense_trainer(model, batch, lr=1e-2, weight_decay=0.01):
+    """``step(n)``: n more dense AdamW steps (one optimizer for every call) on one batch with the constrained SID
+    loss (the fused tables update inside backward); returns the last loss."""
     import torch
 
     from comeir_dist.model.loss import constrained_sid_loss
@@ -85,23 +85,47 @@ def train_dense_steps(model, batch, steps=1, lr=1e-2, weight_decay=0.01):
 
     opt = torch.optim.AdamW(dense_parameters(model), lr=lr, weight_decay=weight_decay)
     codes = model.catalog.item_codes(batch.target)
-    for _ in range(steps):
-        loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return loss
+
+    def step(n):
+        loss = None
+        for _ in range(n):
+            loss = constrained_sid_loss(model.level_logits(batch, codes), codes, model.trie)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss
+    return step
 
 
-def assert_overfits(model, batch, steps=150, lr=1e-2, beam_size=5):
-    """150 dense steps on one batch, then beam search ranks every target's SID first."""
+def train_dense_steps(model, batch, steps=1, lr=1e-2, weight_decay=0.01):
+    """Dense AdamW steps on one batch with the constrained SID loss (the fused tables update inside backward);
+    returns the last loss."""
+    return dense_trainer(model, batch, lr, weight_decay)(steps)
+
+
+def ranks_every_target_first(model, batch, beam_size=5) -> bool:
+    """Beam search (eval mode) ranks every target's SID first; the model's train/eval mode is left as it was."""
     import torch
 
     from comeir_dist.decode.beam import beam_search
 
-    loss = train_dense_steps(model, batch, steps, lr)
+    was_training = model.training
     model.eval()
     codes = model.catalog.item_codes(batch.target)
     with torch.no_grad():
         res = beam_search(model.decoder(batch), model.trie, codes.shape[0], model.levels, beam_size)
-    assert torch.equal(res.codes[:, 0], codes), f"final loss {loss.item():.4f}"
+    model.train(was_training)
+    return torch.equal(res.codes[:, 0], codes)
+
+
+def assert_overfits(model, batch, steps=150, lr=1e-2, beam_size=5, check_every=10, weight_decay=0.01):
+    """At most ``steps`` dense steps on one batch, then beam search ranks every target's SID first. Checked every
+    ``check_every`` steps: training stops as soon as it holds (the same check, never more steps)."""
+    step = dense_trainer(model, batch, lr, weight_decay)
+    done, loss = 0, None
+    while done < steps:
+        n = min(check_every, steps - done)
+        loss, done = step(n), done + n
+        if ranks_every_target_first(model, batch, beam_size):
+            return done
+    raise AssertionError(f"not every target ranked first after {steps} steps, final loss {loss.item():.4f}")

@@ -41,6 +41,8 @@ def test_sasrec_overfits_one_batch(tiny, tmp_path):
     for _ in range(100):
         loss = training_loss(model, batch)
         first = first if first is not None else loss.item()
+        if float(loss) < 0.05:  # memorised: the model evaluated below is the one of this loss
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
