@@ -5,7 +5,8 @@
 failure on any rank raises with that rank's traceback; a hang is killed after ``timeout`` seconds.
 ``fn`` must be importable (module-level function) because the processes are started fresh: forked from a
 forkserver that has imported torch, TorchRec, DeepSpeed, transformers and the training loop once
-(``tests.distributed.preload``), so a launch does not pay those imports again in every rank process.
+(``tests.distributed.preload``), so a launch does not pay those imports again in every rank process. Each rank
+runs with the launching process's environment of the moment (plus ``CHILD_ENV``), as a spawned one would.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, errors, environ: dict) -> None:
+    os.environ.clear()  # the launching process's environment now (the forkserver's is the one of its start)
+    os.environ.update(environ)
     os.environ.update(CHILD_ENV)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -61,7 +64,8 @@ def run_ranks(world: int, fn, *args, timeout: float = 300) -> None:
     ctx = _context()
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors), daemon=False) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors, dict(os.environ)), daemon=False)
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
