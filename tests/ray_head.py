@@ -248,7 +248,7 @@ def start_head(num_cpus: int = 2, timeout: float = 90, resources: Optional[dict]
                 return head
         except (OSError, ValueError, KeyError):
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     _fail(head, f"ray head did not come up in {timeout}s")
 
 
@@ -268,5 +268,5 @@ def start_node(head: RayHead, num_cpus: int = 1, resources: Optional[dict] = Non
                 return node
         except OSError:
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     _fail(node, f"ray node did not join in {timeout}s")

@@ -59,7 +59,7 @@ def submitted(root):
             status = client.get_job_status(sub_id)
             if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         logs = client.get_job_logs(sub_id)
         yield status, logs, root / "submitted" / "run", root / "submitted" / "ray_results"
     finally:
