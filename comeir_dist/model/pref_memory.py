@@ -68,6 +68,10 @@ from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 from comeir_dist.model.sasrec import SASRecModel
 
 
+APPEND_GROUP = 8
+"""Append mode: segments per batch of local passes (each group pads its memories to its own largest, h*C slots)."""
+
+
 @dataclass
 class MemoryBatch(HistoryBatch):
     """``items [B, s]`` = the recent segment (left-padded with -1) and a stored memory ``memory [B, P, d]`` with
@@ -214,26 +218,43 @@ class PreferenceMemory:
 
     def parallel_updates(self, refs: torch.Tensor, present: torch.Tensor, seg_vecs: torch.Tensor,
                          seg_valid: torch.Tensor, item_states: bool = False):
-        """m_h^upd ``[B, K, C, d]`` of every segment h of ``seg_vecs`` from the memory built of ``refs`` (all segments
-        in one batch of B*K rows; append mode left-pads the memories to (K-1)*C masked slots). ``seg_vecs`` may hold
-        one segment more than ``refs`` (the recent one, in all-position training); ``item_states`` also returns the
-        states at every segment position ``[B, K, seg, d]``."""
-        b, k, seg, _ = seg_vecs.shape
+        """m_h^upd ``[B, K, C, d]`` of every segment h of ``seg_vecs`` from the memory built of ``refs`` (the
+        segments' rows batched together). ``seg_vecs`` may hold one segment more than ``refs`` (the recent one, in
+        all-position training); ``item_states`` also returns the states at every segment position ``[B, K, seg, d]``.
+
+        Overwrite mode: every row reads C slots, so all K segments go in one batch of B*K rows. Append mode: segment
+        h reads h*C slots; padding every row to (K-1)*C made the local passes of a 1,000-item archive ~4x the cost of
+        overwrite's, so the segments go in groups of :data:`APPEND_GROUP` consecutive h, each left-padded only to its
+        own largest memory (masked slots and RoPE positions that count real tokens only: the same outputs)."""
+        k = seg_vecs.shape[1]
+        group = max(k, 1) if self.pm.mode == "overwrite" else APPEND_GROUP
+        parts = [self._updates_of(refs, present, seg_vecs, seg_valid, range(h0, min(h0 + group, k)), item_states)
+                 for h0 in range(0, k, group)]
+        if not item_states:
+            return torch.cat(parts, dim=1)
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    def _updates_of(self, refs: torch.Tensor, present: torch.Tensor, seg_vecs: torch.Tensor, seg_valid: torch.Tensor,
+                    hs: range, item_states: bool):
+        """:meth:`parallel_updates` for the segments ``hs`` (consecutive), in one batch of B*len(hs) rows."""
+        b, _, seg, _ = seg_vecs.shape
+        n = len(hs)
         c, d = self.pm.tokens, refs.shape[-1]
-        width = c if self.pm.mode == "overwrite" else max(k - 1, 0) * c
+        width = c if self.pm.mode == "overwrite" else (hs[-1]) * c
         mems, masks = [], []
-        for h in range(k):
+        for h in hs:
             m, mm = self.memory_before(refs, present, h)
             gap = width - m.shape[1]
             mems.append(torch.cat([m.new_zeros(b, gap, d), m], dim=1))
             masks.append(torch.cat([mm.new_zeros(b, gap), mm], dim=1))
-        mem = torch.stack(mems, 1).reshape(b * k, width, d)
-        mmask = torch.stack(masks, 1).reshape(b * k, width)
-        out = self.local_pass(mem, mmask, seg_vecs.reshape(b * k, seg, -1), seg_valid.reshape(b * k, seg),
+        mem = torch.stack(mems, 1).reshape(b * n, width, d)
+        mmask = torch.stack(masks, 1).reshape(b * n, width)
+        sv = seg_vecs[:, hs.start:hs.stop]
+        out = self.local_pass(mem, mmask, sv.reshape(b * n, seg, -1), seg_valid[:, hs.start:hs.stop].reshape(b * n, seg),
                               item_states=item_states)
         if not item_states:
-            return out.reshape(b, k, c, d)
-        return out[0].reshape(b, k, c, d), out[1].reshape(b, k, seg, -1)
+            return out.reshape(b, n, c, d)
+        return out[0].reshape(b, n, c, d), out[1].reshape(b, n, seg, -1)
 
     def _split(self, items: torch.Tensor):
         """(segments ``[B, K, context + seg]``, recent ``[B, context + seg]``, segments' own items ``[B, K, seg]``)."""

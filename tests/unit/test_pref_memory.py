@@ -108,6 +108,25 @@ def test_parallel_pass_equals_sequential_recurrence(mode, host):
     assert torch.allclose(upd[present], blocks[present], atol=1e-5)
 
 
+@pytest.mark.parametrize("host", ["tm", "sasrec"])
+def test_append_groups_equal_one_batch(host, monkeypatch):
+    """Append mode pads each group of segments only to its own largest memory: same outputs as one batch."""
+    import comeir_dist.model.pref_memory as pm_module
+
+    m = tiny_model("append", host=host).eval()
+    items = archives([3, 8, 17, 25, 40])
+    segs, _, own = m._split(items)
+    present = own[:, :, 0] >= 0
+    refs = torch.randn(items.shape[0], segs.shape[1], 3, 32)
+    with torch.no_grad():
+        monkeypatch.setattr(pm_module, "APPEND_GROUP", 100)
+        one_upd, one_states = m.parallel_updates(refs, present, *_vectors(m, segs), item_states=True)
+        monkeypatch.setattr(pm_module, "APPEND_GROUP", 3)  # 9 segments -> groups 0-2, 3-5, 6-8
+        upd, states = m.parallel_updates(refs, present, *_vectors(m, segs), item_states=True)
+    assert segs.shape[1] == 9
+    assert torch.allclose(upd, one_upd, atol=1e-5) and torch.allclose(states, one_states, atol=1e-5)
+
+
 def _vectors(m, segs):
     """(item vectors ``[B, K, seg, d]``, validity) of complete segments given with their context."""
     b, k, w = segs.shape
