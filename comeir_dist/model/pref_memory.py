@@ -319,6 +319,21 @@ class PreferenceMemory:
         err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
         return ((err * valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
 
+    def _sequence_consistency(self, refs: torch.Tensor, upd: torch.Tensor, present: torch.Tensor,
+                              seg_targets: torch.Tensor, width: int) -> torch.Tensor:
+        """L_con of all-position training, weighted as in prefix training: the prefix sample of a target in segment h
+        (complete segments 0..h-1) has L_con = the mean error over segments 1..h-1 with a predecessor; the window sums
+        that over its targets (``seg_targets [B, K + 1]`` targets per segment, the recent one last) and divides by the
+        window ``width``, like :meth:`sequence_loss`. So L_AR + lambda L_con of a window equals the sum of its prefix
+        samples' losses (tested). A plain per-window mean instead would weigh L_con against ``targets / width`` of
+        L_AR: on 1,000-item windows holding ~143 targets it outweighed L_AR 7x, and the memory arms barely learned."""
+        target = refs.detach() if self.pm.stop_grad_refs else refs
+        valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments 1..K-1 with a predecessor
+        err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2)) * valid  # [B, K-1]
+        mean_before = err.new_zeros(seg_targets.shape)  # [B, K + 1]: mean error over segments 1..h-1
+        mean_before[:, 2:] = err.cumsum(-1) / valid.cumsum(-1).clamp(min=1)
+        return ((mean_before * seg_targets.to(err.dtype)).sum(-1) / width).mean()
+
     def training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
         if batch.target.dim() == 2:
             return self.sequence_training_loss(batch, bf16)
@@ -364,9 +379,10 @@ class PreferenceMemory:
             all_vecs = torch.cat([vecs, self.segment_vectors(recent).unsqueeze(1)], dim=1)
             all_valid = torch.cat([seg_valid, (recent[:, self.context_items:] >= 0).unsqueeze(1)], dim=1)
             upd, states = self.parallel_updates(ref_in, present, all_vecs, all_valid, item_states=True)
-            l_con = (self._consistency(refs, upd[:, :k], present) if k > 1 and pm.align_weight > 0
-                     else refs.new_zeros(()))
-        targets = torch.cat([seg_t, recent_t.unsqueeze(1)], dim=1).reshape(b, -1)
+        seg_targets = torch.cat([seg_t, recent_t.unsqueeze(1)], dim=1)  # [B, k + 1, seg]
+        l_con = (self._sequence_consistency(refs, upd[:, :k], present, (seg_targets >= 0).sum(-1), batch.items.shape[1])
+                 if k > 1 and pm.align_weight > 0 else refs.new_zeros(()))
+        targets = seg_targets.reshape(b, -1)
         l_ar = self.sequence_loss(states.reshape(b, (k + 1) * seg, d), targets, batch.items.shape[1], bf16)
         self.last_losses = {"ar": float(l_ar.detach()), "con": float(l_con.detach())}
         return l_ar + pm.align_weight * l_con

@@ -54,9 +54,10 @@ def _sasrec(seed=0):
     return SASRecModel(N_ITEMS, build_backbone(BackboneConfig(**TINY_BACKBONE))).eval()
 
 
-def _pm_sasrec(mode, seed=0, seg=4, width=24):
+def _pm_sasrec(mode, seed=0, seg=4, width=24, align_weight=0.0):
     torch.manual_seed(seed)
-    cfg = PrefMemoryConfig(enabled=True, tokens=2, segment_items=seg, mode=mode, archive_items=width, align_weight=0.0)
+    cfg = PrefMemoryConfig(enabled=True, tokens=2, segment_items=seg, mode=mode, archive_items=width,
+                           align_weight=align_weight)
     return PrefMemorySASRec(N_ITEMS, build_backbone(BackboneConfig(**TINY_BACKBONE)), cfg).eval()
 
 
@@ -87,14 +88,18 @@ def test_sasrec_sequence_loss_equals_the_prefix_losses():
     assert trim_left_padding(*wide)[0].shape[1] == 8
 
 
+@pytest.mark.parametrize("align_weight", [0.0, 1.0])
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
-def test_memory_sequence_loss_equals_the_prefix_training_losses(mode):
+def test_memory_sequence_loss_equals_the_prefix_training_losses(mode, align_weight):
     """The global pass is causal over segments: the state at window position i reads the reference memory of the
-    segments before i's segment, exactly as the prefix sample (window[:i+1], target i) of prefix training."""
-    model = _pm_sasrec(mode)
+    segments before i's segment, exactly as the prefix sample (window[:i+1], target i) of prefix training; with
+    the consistency term too (each target's prefix sample carries L_con over the segments before its own)."""
+    model = _pm_sasrec(mode, align_weight=align_weight)
     x, y = (torch.as_tensor(a) for a in sequence_windows(_seqs([2, 5, 11, 26]), 24, 4))
     assert int((x >= 0).sum(-1).max()) > 12  # several complete segments
     seq = float(model.training_loss(HistoryBatch(x, y)))
+    if align_weight:
+        assert model.last_losses["con"] > 1e-4
     assert seq == pytest.approx(float(_prefix_sum(model, x, y) / 24 / len(x)), rel=1e-5)
 
 
