@@ -277,6 +277,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     stop_reason = loop.get("stop_reason") or "max_steps"
     last_saved = step if latest is not None else -1
     checkpoints = bool(pc.checkpoint_every or pc.checkpoint_at_eval)
+    parts: dict[str, float] = {}  # running sums of the model's named loss parts since the last log record
+    step_at_log = step
     while step < tc.max_steps and loop.get("stop_reason") is None:
         epoch_before = sampler.epoch
         idx = sampler.next()
@@ -291,6 +293,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             loss = dense.loss(items, tgt)
             dense.backward_step(loss * weight)
             local += float(loss.detach()) * (len(mine) if weight else 0)
+        for name, value in (getattr(model, "last_losses", None) or {}).items():  # e.g. Rec2PM's L_AR / L_con
+            parts[name] = parts.get(name, 0.0) + value  # this rank's last micro-batch per step, window mean logged
         step += 1
         if step == freeze_step:
             set_sparse_lr(model, 0.0)
@@ -304,10 +308,13 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             dt = time.time() - t_log
             rec = {"step": step, "loss": loss_sum / loss_n, "samples_per_s": seen / max(dt, 1e-9), "lr": dense.lr,
                    "elapsed_s": elapsed()}
+            if parts:  # unweighted parts of the loss (rank 0; restarts its window on resume)
+                rec["loss_parts"] = {k: v / max(step - step_at_log, 1) for k, v in parts.items()}
+                parts.clear()
             if env.is_main:
                 train_log.append(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
-            seen, loss_sum, loss_n, t_log = 0, 0.0, 0, time.time()
+            seen, loss_sum, loss_n, t_log, step_at_log = 0, 0.0, 0, time.time(), step
         out_of_time = elapsed() > budget
         if tc.max_minutes and world > 1:  # every rank must take the same decision
             out_of_time = all_reduce_sum([float(out_of_time)], env)[0] > 0

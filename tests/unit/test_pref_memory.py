@@ -291,7 +291,13 @@ def test_train_build_and_stored_memory_eval_equals_recomputed(tmp_path, host):
     cfg = tiny_run_config(ds, tmp_path / "run", variant=host, max_steps=4, eval_every=4, batch_size=16,
                           eval_users=8)
     cfg.model.pref_memory = PrefMemoryConfig(enabled=True, tokens=2, segment_items=4, archive_items=20)
+    cfg.train.log_every = 2
     run = train(cfg)
+    import json
+
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    parts = [r["loss_parts"] for r in logged if "loss_parts" in r]
+    assert len(parts) == 2 and set(parts[0]) == {"ar", "con"} and parts[0]["ar"] > 0  # L_AR / L_con logged apart
     rep = run_memory_build(str(run / "best"), None, str(tmp_path / "mem"))
     assert rep["users"] == 12 and rep["bytes_per_user_max"] == 2 * 32 * 4
     model, rcfg, _, dev = load_model_from_checkpoint(run / "best")
