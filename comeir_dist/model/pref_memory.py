@@ -223,8 +223,7 @@ class PreferenceMemory:
         all-position training); ``item_states`` also returns the states at every segment position ``[B, K, seg, d]``.
 
         Overwrite mode: every row reads C slots, so all K segments go in one batch of B*K rows. Append mode: segment
-        h reads h*C slots; padding every row to (K-1)*C made the local passes of a 1,000-item archive ~4x the cost of
-        overwrite's, so the segments go in groups of :data:`APPEND_GROUP` consecutive h, each left-padded only to its
+        h reads h*C slots; rather than padding every row to (K-1)*C, the segments go in groups of :data:`APPEND_GROUP` consecutive h, each left-padded only to its
         own largest memory (masked slots and RoPE positions that count real tokens only: the same outputs)."""
         k = seg_vecs.shape[1]
         group = max(k, 1) if self.pm.mode == "overwrite" else APPEND_GROUP
@@ -240,7 +239,7 @@ class PreferenceMemory:
         b, _, seg, _ = seg_vecs.shape
         n = len(hs)
         c, d = self.pm.tokens, refs.shape[-1]
-        width = c if self.pm.mode == "overwrite" else (hs[-1]) * c
+        width = c if self.pm.mode == "overwrite" else hs[-1] * c
         mems, masks = [], []
         for h in hs:
             m, mm = self.memory_before(refs, present, h)
@@ -310,14 +309,20 @@ class PreferenceMemory:
         logits, codes = out
         return constrained_sid_loss(logits, codes, self.trie)
 
+    def _segment_errors(self, refs: torch.Tensor, upd: torch.Tensor, present: torch.Tensor):
+        """(MSE between m_h^upd and m_h^ref ``[B, K-1]`` for segments 1..K-1, their validity: complete with a
+        predecessor). ``stop_grad_refs`` detaches the references as targets."""
+        target = refs.detach() if self.pm.stop_grad_refs else refs
+        valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)
+        err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))
+        return err * valid, valid
+
     def _consistency(self, refs: torch.Tensor, upd: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """L_con: MSE between m_h^upd and m_h^ref of every complete segment with a predecessor; per sample the mean
         over such segments (0 without), then the mean over samples -- like L_AR, a per-sample mean is the same loss
         however the batch is split over ranks."""
-        target = refs.detach() if self.pm.stop_grad_refs else refs
-        valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments with a predecessor
-        err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2))  # [B, K-1]
-        return ((err * valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
+        err, valid = self._segment_errors(refs, upd, present)
+        return (err.sum(-1) / valid.sum(-1).clamp(min=1)).mean()
 
     def _sequence_consistency(self, refs: torch.Tensor, upd: torch.Tensor, present: torch.Tensor,
                               seg_targets: torch.Tensor, width: int) -> torch.Tensor:
@@ -325,11 +330,9 @@ class PreferenceMemory:
         (complete segments 0..h-1) has L_con = the mean error over segments 1..h-1 with a predecessor; the window sums
         that over its targets (``seg_targets [B, K + 1]`` targets per segment, the recent one last) and divides by the
         window ``width``, like :meth:`sequence_loss`. So L_AR + lambda L_con of a window equals the sum of its prefix
-        samples' losses (tested). A plain per-window mean instead would weigh L_con against ``targets / width`` of
-        L_AR: on 1,000-item windows holding ~143 targets it outweighed L_AR 7x, and the memory arms barely learned."""
-        target = refs.detach() if self.pm.stop_grad_refs else refs
-        valid = (present[:, 1:] & present[:, :-1]).to(upd.dtype)  # segments 1..K-1 with a predecessor
-        err = (target[:, 1:].float() - upd[:, 1:].float()).pow(2).mean(dim=(-1, -2)) * valid  # [B, K-1]
+        samples' losses (tested). A plain per-window mean instead weighs L_con ~width / targets times more than prefix
+        training does (~7x on 1,000-item MovieLens windows holding ~143 targets)."""
+        err, valid = self._segment_errors(refs, upd, present)
         mean_before = err.new_zeros(seg_targets.shape)  # [B, K + 1]: mean error over segments 1..h-1
         mean_before[:, 2:] = err.cumsum(-1) / valid.cumsum(-1).clamp(min=1)
         return ((mean_before * seg_targets.to(err.dtype)).sum(-1) / width).mean()
