@@ -5,6 +5,8 @@ Per history length T (synthetic histories, one tiny CPU shape, both models on th
 
 * storage per user: full attention keeps the KV cache of the whole history, 2 x layers x kv_heads x head_dim x T
   x bytes; the preference memory keeps C x d x bytes (overwrite; append: C per complete segment, also reported);
+  for context, the state of Rec2PM's "KV-Mask" baseline (the per-layer KV cache of C memory tokens, 2 x layers x
+  kv_heads x head_dim x C x bytes) is computed analytically: that model is not built, only its state is sized;
 * latency per request batch (``batch`` users, beam ``beam``, Normal GR tm decode with KV cache): full = prefill of
   T items + L-1 cached steps; memory = prefill of [M; recent segment] from the stored M + the same steps. The
   memory update (one pass over [M; segment; Q], once per completed segment) is timed separately (``update_ms``).
@@ -39,8 +41,9 @@ def _shape(conf) -> dict:
 def storage(shape: dict, t: int, tokens: int, seg: int, nbytes: int) -> dict:
     full = kv_bytes(shape["layers"], shape["kv_heads"], shape["head_dim"], t, nbytes)
     mem = tokens * shape["hidden"] * nbytes
+    kv_mem = kv_bytes(shape["layers"], shape["kv_heads"], shape["head_dim"], tokens, nbytes)
     return {"full_kv_bytes": full, "memory_bytes": mem, "append_memory_bytes": mem * ((t - 1) // seg),
-            "ratio": full / mem}
+            "kv_memory_bytes": kv_mem, "ratio": full / mem}
 
 
 def _timed(fn, reps: int, warmup: int) -> float:
@@ -116,14 +119,15 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
 
 
 def markdown_table(rep: dict) -> str:
-    lines = ["| T | full KV bytes | memory bytes | storage x | full ms | memory ms | update ms | latency x |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | full KV bytes | memory bytes | KV-Mask bytes (analytic) | storage x | full ms | memory ms | update ms "
+             "| latency x |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
-        lines.append(f"| {r['history']} | {r['full_kv_bytes']} | {r['memory_bytes']} | {r['ratio']:.0f} | "
-                     f"{r['full_ms']:.1f} | {r['memory_ms']:.1f} | {r['update_ms']:.1f} | {r['latency_ratio']:.2f} |")
+        lines.append(f"| {r['history']} | {r['full_kv_bytes']} | {r['memory_bytes']} | {r['kv_memory_bytes']} | "
+                     f"{r['ratio']:.0f} | {r['full_ms']:.1f} | {r['memory_ms']:.1f} | {r['update_ms']:.1f} | {r['latency_ratio']:.2f} |")
     if rep.get("qwen3_0.6b"):
         lines += ["", "Qwen3-0.6B shape (bf16, analytic): " + ", ".join(
             f"T={r['history']}: {r['full_kv_bytes'] / 2**20:.1f} MiB vs {r['memory_bytes'] / 1024:.0f} KiB"
-            for r in rep["qwen3_0.6b"]["rows"])]
+            for r in rep["qwen3_0.6b"]["rows"]) + "; the KV-Mask state of the same C tokens: "
+            f"{rep['qwen3_0.6b']['rows'][0]['kv_memory_bytes'] / 1024:.0f} KiB"]
     return "\n".join(lines) + "\n"
 

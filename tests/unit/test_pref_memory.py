@@ -326,9 +326,11 @@ def test_longseq_bench_small(tmp_path):
     assert [r["history"] for r in rep["rows"]] == [20, 40] and (tmp_path / "b.md").is_file()
     last = rep["rows"][-1]
     assert last["full_kv_bytes"] == kv_bytes(2, 2, 16, 40, 4) and last["memory_bytes"] == 2 * 64 * 4
+    assert last["kv_memory_bytes"] == 2 * 2 * 2 * 16 * 2 * 4  # K and V x layers x kv_heads x head_dim x C x fp32
     assert rep["storage_ratio_full_over_memory"] == last["ratio"] and rep["latency_ratio_full_over_memory"] > 0
     q = rep["qwen3_0.6b"]["rows"][-1]
     assert q["full_kv_bytes"] == kv_bytes(28, 8, 128, 40, 2) and q["memory_bytes"] == 2 * 1024 * 2
+    assert q["kv_memory_bytes"] == kv_bytes(28, 8, 128, 2, 2) and "KV-Mask" in (tmp_path / "b.md").read_text()
 
 
 def test_split_archive_context_precedes_every_segment():
