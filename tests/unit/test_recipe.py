@@ -43,14 +43,25 @@ def test_long_histories_are_capped_and_positions_follow():
 
 
 def test_small_data_gets_smaller_batches_scaled_rate_and_epoch_validation():
-    small = replace(SCIENTIFIC, train_samples=1000, valid_users=300, history_p95=4.0)
+    small = replace(SCIENTIFIC, train_samples=1000, history_p95=4.0)
     cfg, _ = derive_recipe(small, BASE)
     t = cfg["train"]
     assert t["batch_size"] == 16 and t["lr"] == pytest.approx(2e-3 * 0.25)
     assert (t["eval_every_epochs"], t["patience"]) == (1.0, 2)  # 62 steps per epoch: still 2 epochs of patience
-    assert 10 <= t["warmup_steps"] <= 30
+    assert t["lr_schedule"] == "plateau" and 10 <= t["warmup_steps"] <= 30
     mid = replace(SCIENTIFIC, train_samples=5000)
     assert derive_recipe(mid, BASE)[0]["train"]["batch_size"] == 32  # 156 steps; 64 would give 78
+
+
+def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
+    movielens = replace(SCIENTIFIC, users=610, valid_users=610, train_samples=88444)
+    cfg, why = derive_recipe(movielens, BASE)
+    t = cfg["train"]
+    assert (t["lr_schedule"], t["eval_every_epochs"], t["patience"], t["max_epochs"]) == ("constant", 1.0, 6, 60)
+    assert any("610 validation users" in line for line in why)
+    edge = derive_recipe(replace(SCIENTIFIC, valid_users=2000), BASE)[0]["train"]
+    assert (edge["lr_schedule"], edge["patience"], edge["max_epochs"]) == ("plateau", 4, BASE["train"]["max_epochs"])
+    parse_section(RunConfig, cfg, source="recipe")
 
 
 def test_recipe_cli_writes_a_valid_config_and_protects_foreign_files(tmp_path, capsys):
