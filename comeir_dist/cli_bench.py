@@ -24,6 +24,17 @@ def _config_data(path: str | None) -> dict:
     return load_yaml(path) if path else {}
 
 
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    """``"100,200"`` -> (100, 200); anything else is a one-line user error naming the flag."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 100,200")
+    return values
+
+
 def latency_config(args):
     """LatencyBenchConfig from --config (default: the Qwen3-0.6B-shaped config if present, else the same
     values built in) with flag overrides, validated once."""
@@ -132,6 +143,10 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
     q.add_argument("--lengths", help="comma-separated history lengths (default 100,200,500,1000,2000)")
     q.add_argument("--reps", type=int, default=2)
     q.add_argument("--threads", type=int)
+    q.add_argument("--qwen-lengths", help="history lengths timed at the Qwen3-0.6B shape (default 100,200; 'none' "
+                                          "= storage only)")
+    q.add_argument("--qwen-batch", type=int, help="users per request at the Qwen3-0.6B shape (default 4: the "
+                                                  "beam-expanded KV cache of 32 users does not fit 24 GiB)")
 
     @command("bench")
     def _bench(args) -> int:
@@ -160,10 +175,13 @@ def add_bench_commands(sub: "argparse._SubParsersAction") -> None:
             print(markdown_table(rep))
             return 0
         if args.bench_cmd == "longseq":
-            from comeir_dist.bench.longseq import LENGTHS, markdown_table, run_longseq_bench
+            from comeir_dist.bench.longseq import LENGTHS, QWEN_BATCH, QWEN_LENGTHS, markdown_table, run_longseq_bench
 
-            lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else LENGTHS
-            print(markdown_table(run_longseq_bench(args.out, lengths, reps=args.reps, threads=args.threads)))
+            lengths = _int_list("--lengths", args.lengths) if args.lengths else LENGTHS
+            qwen = QWEN_LENGTHS if not args.qwen_lengths else (
+                () if args.qwen_lengths == "none" else _int_list("--qwen-lengths", args.qwen_lengths))
+            print(markdown_table(run_longseq_bench(args.out, lengths, reps=args.reps, threads=args.threads,
+                                                   qwen_lengths=qwen, qwen_batch=args.qwen_batch or QWEN_BATCH)))
             return 0
         raise UserError(f"unknown bench command {args.bench_cmd!r}")  # pragma: no cover (argparse rejects it)
 

@@ -322,7 +322,7 @@ def test_longseq_bench_small(tmp_path):
     from comeir_dist.bench.longseq import kv_bytes, run_longseq_bench
 
     rep = run_longseq_bench(str(tmp_path / "b.json"), lengths=(20, 40), batch=2, beam=3, tokens=2, seg=5, reps=1,
-                            warmup=0, n_items=60, codebook=8)
+                            warmup=0, n_items=60, codebook=8, qwen_lengths=())
     assert [r["history"] for r in rep["rows"]] == [20, 40] and (tmp_path / "b.md").is_file()
     last = rep["rows"][-1]
     assert last["full_kv_bytes"] == kv_bytes(2, 2, 16, 40, 4) and last["memory_bytes"] == 2 * 64 * 4
@@ -331,6 +331,29 @@ def test_longseq_bench_small(tmp_path):
     q = rep["qwen3_0.6b"]["rows"][-1]
     assert q["full_kv_bytes"] == kv_bytes(28, 8, 128, 40, 2) and q["memory_bytes"] == 2 * 1024 * 2
     assert q["kv_memory_bytes"] == kv_bytes(28, 8, 128, 2, 2) and "KV-Mask" in (tmp_path / "b.md").read_text()
+    assert "timed_rows" not in rep["qwen3_0.6b"]  # qwen_lengths=(): storage only
+
+
+def test_longseq_bench_times_the_large_shape_from_its_config_file(tmp_path):
+    """The large shape is built from its HF config file and timed at its own lengths and batch (a tiny config here)."""
+    import json
+
+    from comeir_dist.bench.longseq import kv_bytes, run_longseq_bench
+
+    conf = json.loads((Path(__file__).resolve().parents[2] / "configs/backbones/qwen3-0.6b.json").read_text())
+    conf.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                intermediate_size=64, vocab_size=16)
+    (tmp_path / "small.json").write_text(json.dumps(conf))
+    rep = run_longseq_bench(str(tmp_path / "b.json"), lengths=(10,), batch=2, beam=3, tokens=2, seg=5, reps=1,
+                            warmup=0, n_items=60, codebook=8, qwen_lengths=(6, 12), qwen_batch=3,
+                            qwen_config=str(tmp_path / "small.json"))
+    q = rep["qwen3_0.6b"]
+    assert [r["history"] for r in q["timed_rows"]] == [6, 12] and q["timed_batch"] == 3
+    assert q["latency_ratio_full_over_memory"] == q["timed_rows"][-1]["latency_ratio"] > 0
+    assert q["beam_cache_bytes"]["bytes"] == 2 * 3 * kv_bytes(1, 1, 16, 12, 4)  # batch x beam rows of fp32 cache
+    assert [r["history"] for r in q["rows"]] == [6, 10, 12] and "timed (fp32" in (tmp_path / "b.md").read_text()
+    with pytest.raises(UserError, match="--qwen-lengths 4: the longest history must hold at least one segment"):
+        run_longseq_bench(None, lengths=(10,), seg=5, qwen_lengths=(4,), qwen_config=str(tmp_path / "small.json"))
 
 
 def test_split_archive_context_precedes_every_segment():
