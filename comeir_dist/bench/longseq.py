@@ -106,9 +106,8 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
                       levels: int = 3, codebook: int = 32, seed: int = 0, qwen_lengths=QWEN_LENGTHS,
                       qwen_batch: int = QWEN_BATCH, qwen_config: str = QWEN3) -> dict:
     from comeir_dist.config.run import BackboneConfig
-    from comeir_dist.model.backbone import build_backbone, load_config_file
-
     from comeir_dist.errors import UserError
+    from comeir_dist.model.backbone import build_backbone, load_config_file
 
     for flag, ls in (("--lengths", lengths), ("--qwen-lengths", qwen_lengths)):
         if ls and max(ls) < seg:
@@ -127,8 +126,9 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
     qwen = None
     if Path(qwen_config).is_file():
         qshape = _shape(load_config_file(qwen_config))
-        qwen = {"config_file": qwen_config, "shape": qshape, "bytes": 2, "rows": [{"history": t, **storage(qshape, t, tokens, seg, 2)}
-                                                      for t in sorted(set(lengths) | set(qwen_lengths))]}
+        sized = sorted(set(lengths) | set(qwen_lengths))
+        qwen = {"config_file": qwen_config, "shape": qshape, "bytes": 2,
+                "rows": [{"history": t, **storage(qshape, t, tokens, seg, 2)} for t in sized]}
         if qwen_lengths:
             del backbone
             big = build_backbone(BackboneConfig(arch="qwen3", config_file=qwen_config, dropout=0.0)).float().eval()
@@ -152,11 +152,12 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
 
 
 def markdown_table(rep: dict) -> str:
-    lines = ["| T | full KV bytes | memory bytes | KV-Mask bytes (analytic) | storage x | full ms | memory ms | update ms "
-             "| latency x |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | full KV bytes | memory bytes | KV-Mask bytes (analytic) | storage x | full ms | memory ms | "
+             "update ms | latency x |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         lines.append(f"| {r['history']} | {r['full_kv_bytes']} | {r['memory_bytes']} | {r['kv_memory_bytes']} | "
-                     f"{r['ratio']:.0f} | {r['full_ms']:.1f} | {r['memory_ms']:.1f} | {r['update_ms']:.1f} | {r['latency_ratio']:.2f} |")
+                     f"{r['ratio']:.0f} | {r['full_ms']:.1f} | {r['memory_ms']:.1f} | {r['update_ms']:.1f} | "
+                     f"{r['latency_ratio']:.2f} |")
     q = rep.get("qwen3_0.6b")
     if q and q.get("timed_rows"):
         lines += ["", f"Qwen3-0.6B shape, timed (fp32, random weights, batch {q['timed_batch']}, beam {rep['beam']}):",
@@ -166,7 +167,7 @@ def markdown_table(rep: dict) -> str:
     if q:
         lines += ["", "Qwen3-0.6B shape (bf16, analytic): " + ", ".join(
             f"T={r['history']}: {r['full_kv_bytes'] / 2**20:.1f} MiB vs {r['memory_bytes'] / 1024:.0f} KiB"
-            for r in rep["qwen3_0.6b"]["rows"]) + "; the KV-Mask state of the same C tokens: "
-            f"{rep['qwen3_0.6b']['rows'][0]['kv_memory_bytes'] / 1024:.0f} KiB"]
+            for r in q["rows"]) + "; the KV-Mask state of the same C tokens: "
+            f"{q['rows'][0]['kv_memory_bytes'] / 1024:.0f} KiB"]
     return "\n".join(lines) + "\n"
 
