@@ -356,6 +356,18 @@ def test_longseq_bench_times_the_large_shape_from_its_config_file(tmp_path):
         run_longseq_bench(None, lengths=(10,), seg=5, qwen_lengths=(4,), qwen_config=str(tmp_path / "small.json"))
 
 
+def test_longseq_bench_cli_rejects_bad_lengths_in_one_line(tmp_path, capsys):
+    from comeir_dist.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "longseq", "--out", str(out), "--lengths", "100,x"]) == 2
+    assert main(["bench", "longseq", "--out", str(out), "--lengths", "100", "--qwen-lengths", "0"]) == 2
+    assert main(["bench", "longseq", "--out", str(out), "--lengths", "10"]) == 2  # shorter than one segment (20)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "--lengths '100,x'" in err[0] and "--qwen-lengths '0'" in err[1]
+    assert "--lengths 10: the longest history must hold at least one segment" in err[2] and not out.exists()
+
+
 def test_split_archive_context_precedes_every_segment():
     items = archives([13, 2])
     segs, recent = split_archive(items, 4, context=3)
