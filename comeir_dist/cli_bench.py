@@ -73,10 +73,7 @@ def train_bench_config(args):
 
     over = _overrides(args, TRAIN_FLAGS)
     if args.workers is not None:
-        try:
-            over["workers"] = [int(w) for w in args.workers.split(",") if w.strip()]
-        except ValueError:
-            raise UserError(f"--workers: expected comma-separated integers such as 1,2, got {args.workers!r}") from None
+        over["workers"] = list(_int_list("--workers", args.workers))
     if args.no_nn:
         over["compare_nn"] = False
     return load_bench_config(args.config, over, _overrides(args, TRAIN_MODEL_FLAGS))

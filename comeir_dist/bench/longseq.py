@@ -130,7 +130,6 @@ def run_longseq_bench(out: str | None, lengths=LENGTHS, batch: int = 32, beam: i
         qwen = {"config_file": qwen_config, "shape": qshape, "bytes": 2,
                 "rows": [{"history": t, **storage(qshape, t, tokens, seg, 2)} for t in sized]}
         if qwen_lengths:
-            del backbone
             big = build_backbone(BackboneConfig(arch="qwen3", config_file=qwen_config, dropout=0.0)).float().eval()
             timed = _time_lengths(big, qwen_lengths, qwen_batch, **args)
             longest = max(qwen_lengths)

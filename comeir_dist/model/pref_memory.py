@@ -223,8 +223,9 @@ class PreferenceMemory:
         all-position training); ``item_states`` also returns the states at every segment position ``[B, K, seg, d]``.
 
         Overwrite mode: every row reads C slots, so all K segments go in one batch of B*K rows. Append mode: segment
-        h reads h*C slots; rather than padding every row to (K-1)*C, the segments go in groups of :data:`APPEND_GROUP` consecutive h, each left-padded only to its
-        own largest memory (masked slots and RoPE positions that count real tokens only: the same outputs)."""
+        h reads h*C slots; rather than padding every row to (K-1)*C, the segments go in groups of
+        :data:`APPEND_GROUP` consecutive h, each left-padded only to its own largest memory (masked slots and RoPE
+        positions that count real tokens only: the same outputs)."""
         k = seg_vecs.shape[1]
         group = max(k, 1) if self.pm.mode == "overwrite" else APPEND_GROUP
         parts = [self._updates_of(refs, present, seg_vecs, seg_valid, range(h0, min(h0 + group, k)), item_states)
