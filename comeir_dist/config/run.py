@@ -134,10 +134,12 @@ class TrainConfig(Section):
                                 "for long, varied histories (sample_mode sequence, pref_memory archives).")
     sample_mode: Literal["prefix", "sequence"] = Field(
         "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
-        "(every variant). 'sequence' (sasrec only, with or without pref_memory) = windows of each training sequence "
-        "(max_history items, or pref_memory.archive_items aligned to segments) with the next item at EVERY position "
-        "as target (SASRec's own all-position training; Rec2PM's L_AR over every segment): one sample per window "
-        "instead of one per item, so long histories cost one pass per window, not one per prefix.")
+        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten with decoding normal, no "
+        "composition) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
+        "to segments) with the next item at EVERY position as target (SASRec's own all-position training; Rec2PM's "
+        "L_AR over every segment; for flatten one causal pass over the window's SID tokens scores every item's "
+        "codes): one sample per window instead of one per item, so long histories cost one pass per window, not "
+        "one per prefix.")
     bf16: bool = Field(False, description="bf16 autocast for the dense part.")
     eval_every: int = Field(500, ge=1, description="Validation NDCG@10 every N steps.")
     eval_users: Optional[int] = Field(2000, ge=1, description="Validation users per check (None = all).")
@@ -202,9 +204,15 @@ class RunConfig(Section):
         if self.model.variant == "flatten" and self.model.backbone.max_positions < need:
             raise ValueError(f"model.backbone.max_positions={self.model.backbone.max_positions} < {need} "
                              f"needed by flatten (L*max_history + L + 1)")
-        if self.train.sample_mode == "sequence" and self.model.variant != "sasrec":
-            raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant must "
-                             f"be sasrec (got {self.model.variant}; the SID variants decode one target per sample)")
+        if self.train.sample_mode == "sequence":
+            m = self.model
+            if m.variant not in ("sasrec", "flatten"):
+                raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant "
+                                 f"must be sasrec or flatten (got {m.variant}; tm and comeir build one input per "
+                                 f"item and decode one target per sample)")
+            if m.variant == "flatten" and (m.decoding != "normal" or m.decor.compose):
+                raise ValueError(f"train.sample_mode=sequence with flatten needs model.decoding: normal and "
+                                 f"model.decor.compose: false (got decoding {m.decoding}, compose {m.decor.compose})")
         if self.model.backbone.max_positions < self.max_history + 1:
             raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
                              f"({self.model.backbone.max_positions})")

@@ -28,6 +28,7 @@ from comeir_dist.model.backbone import backbone_width
 from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
 from comeir_dist.model.decor import DecorComposer
 from comeir_dist.model.decor_config import DecorConfig
+from comeir_dist.model.flatten_sequence import flatten_sequence_loss
 from comeir_dist.model.history import Catalog, HistoryBatch
 from comeir_dist.model.nezha import NezhaBeams, NezhaDecoding
 from comeir_dist.model.token_embedding import SidTokenEmbedding
@@ -111,6 +112,14 @@ class GenerativeBaseline(nn.Module):
                 fed = torch.cat([self.composer.bos_input(st, fed.dtype).unsqueeze(1), fed], dim=1)
                 first += 1
         return teacher_forced_code_logits(self.backbone, x, mask, fed, self.out, first)
+
+    def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
+        """All-position training (``train.sample_mode: sequence``): one causal pass per window (flatten_sequence.py)."""
+        if self.variant != "flatten" or self.nezha is not None or self.composer is not None:
+            raise UserError(f"train.sample_mode=sequence trains flatten with model.decoding: normal and without "
+                            f"model.decor.compose (got {self.variant}, decoding {self.decoding}, compose "
+                            f"{self.composer is not None}); use sample_mode: prefix")
+        return flatten_sequence_loss(self, batch, bf16)
 
     # ---- decoding ----------------------------------------------------------------------------
     def decoder(self, batch: HistoryBatch):

@@ -68,13 +68,14 @@ def global_pass_activations(cfg, world: int) -> GlobalPassActivations | None:
 @dataclass(frozen=True)
 class SequenceActivations:
     """All-position training (``train.sample_mode: sequence``): per window of W positions the ``[W, I]`` logits
-    over the catalog (fp32 logits, softmax kept for backward, their gradient: 3 x 4 bytes each) and, for plain
+    over the catalog (flatten: ``[W*L, C]`` over one level's codes) (fp32 logits, softmax kept for backward,
+    their gradient: 3 x 4 bytes each) and, for plain
     sasrec, the window's attention (``2 L B H W^2 e``, as the global pass above; with the preference memory the
     global pass term already covers the long pass and the local passes are short)."""
 
-    window: int  # W
+    window: int  # W positions (flatten: W*L tokens)
     micro_batch: int
-    num_items: int
+    num_items: int  # scored classes per position (flatten: the codebook size)
     logits_bytes: int
     attention_bytes: int
 
@@ -97,11 +98,15 @@ def sequence_activations(cfg, world: int, num_items: int) -> SequenceActivations
     pm = cfg.model.pref_memory
     w = pm.archive_items if pm.enabled else cfg.max_history
     b = math.ceil(cfg.train.batch_size / cfg.train.grad_accum_steps / max(1, world))
+    # flatten: the backbone reads L tokens per item and every position scores one level's C codes
+    per_item, classes = ((cfg.engram.levels, cfg.engram.codebook_size) if cfg.model.variant == "flatten"
+                         else (1, int(num_items)))
     attention = 0
     if not pm.enabled:
         layers, heads = _layers_heads(cfg.model.backbone)
-        attention = 2 * layers * b * heads * w * w * (2 if cfg.train.bf16 else 4)
-    return SequenceActivations(w, b, int(num_items), 3 * 4 * b * w * int(num_items), attention)
+        t = w * per_item
+        attention = 2 * layers * b * heads * t * t * (2 if cfg.train.bf16 else 4)
+    return SequenceActivations(w * per_item, b, classes, 3 * 4 * b * w * per_item * classes, attention)
 
 
 @dataclass(frozen=True)
