@@ -209,7 +209,8 @@ class RunConfig(Section):
             if m.variant not in ("sasrec", "flatten"):
                 raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant "
                                  f"must be sasrec or flatten (got {m.variant}; tm and comeir build one input per "
-                                 f"item and decode one target per sample)")
+                                 f"item and decode one target per sample; comeir experiment: --set "
+                                 f"model.variant=flatten with --variants flatten)")
             if m.variant == "flatten" and (m.decoding != "normal" or m.decor.compose):
                 raise ValueError(f"train.sample_mode=sequence with flatten needs model.decoding: normal and "
                                  f"model.decor.compose: false (got decoding {m.decoding}, compose {m.decor.compose})")

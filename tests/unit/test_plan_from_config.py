@@ -284,6 +284,10 @@ def test_plan_counts_all_position_training(tmp_path):
     both = run_activations(RunConfig(**pm), world=2, num_items=3650)
     assert [type(p).__name__ for p in both.parts] == ["GlobalPassActivations", "SequenceActivations"]
     assert both.parts[1].attention_bytes == 0  # the global pass term covers the memory's long pass
+    # flatten: 3 tokens per item, every token scores one level's 128 codes
+    flat = {**data, "max_history": 300, "model": {**model, "variant": "flatten"}}
+    (fseq,) = run_activations(RunConfig(**flat), world=2, num_items=3650).parts
+    assert fseq.logits_bytes == 12 * 32 * 900 * 128 and fseq.attention_bytes == 2 * 2 * 32 * 4 * 900 ** 2 * 4
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps(data))
