@@ -119,13 +119,11 @@ def test_flatten_sequence_loss_equals_the_prefix_losses(tmp_path):
 
 
 def test_flatten_sequence_mode_refuses_what_it_cannot_train(tmp_path):
-    ds = make_tiny_dataset(tmp_path)
+    base = tiny_run_config(make_tiny_dataset(tmp_path), tmp_path / "r", variant="flatten").model_dump()
     for model in ({"decoding": "nezha"}, {"decor": {"compose": True}}):
         with pytest.raises(Exception, match="sample_mode=sequence with flatten needs model.decoding: normal"):
-            RunConfig.model_validate({**tiny_run_config(ds, tmp_path / "r", variant="flatten").model_dump(),
-                                      "model": {**tiny_run_config(ds, tmp_path / "r", variant="flatten")
-                                                .model.model_dump(), **model},
-                                      "train": {"sample_mode": "sequence"}})
+            RunConfig.model_validate({**base, "model": {**base["model"], **model},
+                                      "train": {**base["train"], "sample_mode": "sequence"}})
     model, _ = _flatten(tmp_path / "nezha", "prefix", decoding="nezha")  # past the config check: the model refuses
     x, y = torch.tensor([[0, 1]]), torch.tensor([[1, 2]])
     with pytest.raises(UserError, match="trains flatten with model.decoding: normal"):
