@@ -132,14 +132,21 @@ class TrainConfig(Section):
                                 "batches of the shuffled order is sorted by sample length before it is cut into "
                                 "batches (then the batches are shuffled), so a batch pads to its own longest history: "
                                 "for long, varied histories (sample_mode sequence, pref_memory archives).")
-    sample_mode: Literal["prefix", "sequence"] = Field(
+    sample_mode: Literal["prefix", "sequence", "auto"] = Field(
         "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
         "(every variant). 'sequence' (sasrec with or without pref_memory; flatten with decoding normal, no "
         "composition) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
         "to segments) with the next item at EVERY position as target (SASRec's own all-position training; Rec2PM's "
         "L_AR over every segment; for flatten one causal pass over the window's SID tokens scores every item's "
         "codes): one sample per window instead of one per item, so long histories cost one pass per window, not "
-        "one per prefix.")
+        "one per prefix. 'auto' = 'sequence' for the variants that can train on every position (then with "
+        "sequence_batch_size / sequence_warmup_steps), else 'prefix': one config for a whole comparison "
+        "(`comeir recipe` writes it).")
+    sequence_batch_size: Optional[int] = Field(None, ge=1, description="With sample_mode 'auto': the global batch "
+                                               "in windows of the variants that train on every position (None = "
+                                               "batch_size). A window holds up to max_history targets.")
+    sequence_warmup_steps: Optional[int] = Field(None, ge=0, description="With sample_mode 'auto': warmup_steps of "
+                                                 "the variants that train on every position (None = warmup_steps).")
     bf16: bool = Field(False, description="bf16 autocast for the dense part.")
     eval_every: int = Field(500, ge=1, description="Validation NDCG@10 every N steps.")
     eval_users: Optional[int] = Field(2000, ge=1, description="Validation users per check (None = all).")
@@ -155,9 +162,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_accumulation(self):
-        if self.batch_size < self.grad_accum_steps:
-            raise ValueError(f"train.batch_size={self.batch_size} is smaller than train.grad_accum_steps="
-                             f"{self.grad_accum_steps} (each micro-batch needs a sample)")
+        for name in ("batch_size", "sequence_batch_size"):
+            size = getattr(self, name)
+            if size is not None and size < self.grad_accum_steps:
+                raise ValueError(f"train.{name}={size} is smaller than train.grad_accum_steps="
+                                 f"{self.grad_accum_steps} (each micro-batch needs a sample)")
         return self
 
 
@@ -204,17 +213,43 @@ class RunConfig(Section):
         if self.model.variant == "flatten" and self.model.backbone.max_positions < need:
             raise ValueError(f"model.backbone.max_positions={self.model.backbone.max_positions} < {need} "
                              f"needed by flatten (L*max_history + L + 1)")
-        if self.train.sample_mode == "sequence":
+        if self.train.sample_mode == "sequence" and not trains_every_position(self.model):
             m = self.model
             if m.variant not in ("sasrec", "flatten"):
                 raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant "
                                  f"must be sasrec or flatten (got {m.variant}; tm and comeir build one input per "
-                                 f"item and decode one target per sample; comeir experiment: --set "
-                                 f"model.variant=flatten with --variants flatten)")
-            if m.variant == "flatten" and (m.decoding != "normal" or m.decor.compose):
-                raise ValueError(f"train.sample_mode=sequence with flatten needs model.decoding: normal and "
-                                 f"model.decor.compose: false (got decoding {m.decoding}, compose {m.decor.compose})")
+                                 f"item and decode one target per sample; for a comparison of several variants "
+                                 f"use train.sample_mode: auto)")
+            raise ValueError(f"train.sample_mode=sequence with flatten needs model.decoding: normal and "
+                             f"model.decor.compose: false (got decoding {m.decoding}, compose {m.decor.compose}; "
+                             f"train.sample_mode: auto picks prefix for them)")
         if self.model.backbone.max_positions < self.max_history + 1:
             raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
                              f"({self.model.backbone.max_positions})")
         return self
+
+
+def trains_every_position(model: ModelConfig) -> bool:
+    """Whether ``model`` can train on every position of a window (``train.sample_mode: sequence``): sasrec, and
+    flatten with normal decoding and no DECOR composition (their fed-back codes differ from the history tokens)."""
+    return model.variant == "sasrec" or (model.variant == "flatten" and model.decoding == "normal"
+                                         and not model.decor.compose)
+
+
+def resolve_sample_mode(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``train.sample_mode: auto`` made concrete for its variant: 'sequence' with the
+    ``sequence_*`` batch and warm-up where :func:`trains_every_position`, else 'prefix'. Training starts from the
+    resolved config, so checkpoints record what ran; other modes are returned unchanged."""
+    tc = cfg.train
+    if tc.sample_mode != "auto":
+        return cfg
+    out = cfg.model_copy(deep=True)
+    if not trains_every_position(cfg.model):
+        out.train.sample_mode = "prefix"
+        return out
+    out.train.sample_mode = "sequence"
+    if tc.sequence_batch_size is not None:
+        out.train.batch_size = tc.sequence_batch_size
+    if tc.sequence_warmup_steps is not None:
+        out.train.warmup_steps = tc.sequence_warmup_steps
+    return out

@@ -128,7 +128,11 @@ class Activations:
 
 
 def run_activations(cfg, world: int, num_items: int = 0) -> Activations | None:
-    """Every activation estimate of this module that applies to ``cfg`` (None when none does)."""
+    """Every activation estimate of this module that applies to ``cfg`` (None when none does); a
+    ``train.sample_mode: auto`` config is estimated as its variant trains (config.run.resolve_sample_mode)."""
+    from comeir_dist.config.run import resolve_sample_mode
+
+    cfg = resolve_sample_mode(cfg)
     parts = tuple(p for p in (global_pass_activations(cfg, world), sequence_activations(cfg, world, num_items))
                   if p is not None)
     return Activations(parts) if parts else None

@@ -21,7 +21,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from comeir_dist.config.run import RunConfig
+from comeir_dist.config.run import RunConfig, resolve_sample_mode
 from comeir_dist.errors import UserError
 from comeir_dist.utils.atomic import atomic_file, write_json
 from comeir_dist.utils.output_guard import claim_out_dir
@@ -226,8 +226,8 @@ def _trained_earlier(run_cfg: RunConfig, run_dir: Path) -> bool:
     try:
         info = json.loads(summary.read_text())
         saved = parse_section(RunConfig, json.loads(meta.read_text())["config"])
-        # best/ holds the config as trained: epoch budgets resolved to steps over the run's training samples
-        resolved = resolve_budget(run_cfg, int(info["train_samples"]))
+        # best/ holds the config as trained: sample mode 'auto' and epoch budgets resolved (over its samples)
+        resolved = resolve_budget(resolve_sample_mode(run_cfg), int(info["train_samples"]))
     except (ValueError, KeyError, TypeError, UserError):
         return False
     return info.get("stop_reason") is not None and config_hash(saved) == config_hash(resolved)
@@ -286,9 +286,10 @@ def _train_and_test(run_cfg: RunConfig, run_dir: Path, overwrite: bool = False) 
     paired = _vs_popular(run_cfg, run_dir)
     best = [v for v in summary["validation"] if v["step"] == summary["best_step"]]
     best = best[0] if best else {}
+    batch = resolve_sample_mode(run_cfg).train.batch_size  # in windows when 'auto' trains on every position
     return {"metrics": res["metrics"], "ms_per_user": res["ms_per_user"], "steps": summary["steps"],
             "best_step": summary["best_step"], "best_minutes": summary.get("best_minutes", 0.0),
-            "best_epoch": summary["best_step"] * run_cfg.train.batch_size / max(1, summary.get("train_samples", 1)),
+            "best_epoch": summary["best_step"] * batch / max(1, summary.get("train_samples", 1)),
             "train_minutes": summary["train_minutes"], "stop_reason": summary["stop_reason"],
             "train_samples": summary.get("train_samples"), "valid_best": summary["best_valid_ndcg@10"],
             "valid_best_se": best.get("se/item/ndcg@10", 0.0),
@@ -425,8 +426,8 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
                 res.update(arm=arm, arm_overrides=arm_overrides(cfg, arm))
             row = {"label": name, "variant": variant, "seed": seed, "config_hash": h,
                    "engram": run_cfg.engram.model_dump(mode="json") if variant == "comeir" else None,
-                   "model": run_cfg.model.model_dump(mode="json"), "train": run_cfg.train.model_dump(mode="json"),
-                   **res}
+                   "model": run_cfg.model.model_dump(mode="json"),
+                   "train": resolve_sample_mode(run_cfg).train.model_dump(mode="json"), **res}
             write_json(result_path, row)
             log.info("%s: test item/ndcg@10 %.4f", key, res["metrics"]["item/ndcg@10"])
     rows = load_results(root)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from comeir_dist.config.run import RunConfig
+from comeir_dist.config.run import RunConfig, resolve_sample_mode
 from comeir_dist.errors import UserError
 from comeir_dist.eval.evaluate import evaluate_arrays
 from comeir_dist.eval.metrics import MetricSums
@@ -143,6 +143,7 @@ def train(cfg: RunConfig, on_checkpoint: Optional[Callable[[int, Path, dict], No
 
 def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Optional[Path] = None,
            overwrite: bool = False) -> Path:
+    cfg = resolve_sample_mode(cfg)  # 'auto' -> this variant's mode, batch and warm-up (recorded in checkpoints)
     tc, pc = cfg.train, cfg.parallel
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)

@@ -15,8 +15,13 @@ from tests.fixtures import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = load_yaml(REPO / "configs" / "experiment_cpu.yaml")
+# training items per user with the bundled data's totals: 33,541 prefix samples, 8,371 windows of <= 20 items
+SCIENTIFIC_LENGTHS = (26,) * 54 + (5,) * 7402 + (4,) * 861
 SCIENTIFIC = DatasetProfile(dataset="runs/data/scientific", users=8317, items=4344, train_samples=33541,
-                            valid_users=8317, history_p50=5.0, history_p95=12.0, history_max=77, sid_method="rqkmeans")
+                            valid_users=8317, history_p50=5.0, history_p95=12.0, history_max=77, sid_method="rqkmeans",
+                            train_lengths=SCIENTIFIC_LENGTHS)
+# MovieLens-like: 610 users, 2,072 windows of <= 50 items
+MOVIELENS_LENGTHS = (451,) * 110 + (201,) * 194 + (51,) * 306
 
 
 def test_bundled_data_profile_reproduces_the_hand_set_experiment_config():
@@ -25,7 +30,11 @@ def test_bundled_data_profile_reproduces_the_hand_set_experiment_config():
     for key in ("batch_size", "lr", "warmup_steps", "eval_every_epochs", "patience", "eval_users", "lr_schedule"):
         assert cfg["train"][key] == BASE["train"][key], key
     assert cfg["model"]["backbone"]["max_positions"] == 96  # 3*20 + 3 + 1 + 3 placeholders, rounded up to 32
-    assert len(why) == 6 and all(" -- " in line for line in why)
+    assert len(why) == 7 and all(" -- " in line for line in why)
+    assert SCIENTIFIC.windows(20) == 8371 and sum(n - 1 for n in SCIENTIFIC_LENGTHS) == SCIENTIFIC.train_samples
+    # flatten / sasrec train on every position with the batch and warm-up of the README's flatten all-position runs
+    assert (cfg["train"]["sample_mode"], cfg["train"]["sequence_batch_size"],
+            cfg["train"]["sequence_warmup_steps"]) == ("auto", 64, 50)
     assert BASE["train"]["warmup_steps"] == 50 and BASE["model"]["backbone"]["max_positions"] == 128  # base untouched
 
 
@@ -54,9 +63,11 @@ def test_small_data_gets_smaller_batches_scaled_rate_and_epoch_validation():
 
 
 def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
-    movielens = replace(SCIENTIFIC, users=610, valid_users=610, train_samples=88444)
+    movielens = replace(SCIENTIFIC, users=610, valid_users=610, train_samples=88444, history_p95=900.0,
+                        train_lengths=MOVIELENS_LENGTHS)
     cfg, why = derive_recipe(movielens, BASE)
     t = cfg["train"]
+    assert movielens.windows(50) == 2072 and (t["sequence_batch_size"], t["sequence_warmup_steps"]) == (16, 50)
     assert (t["lr_schedule"], t["eval_every_epochs"], t["patience"], t["max_epochs"]) == ("constant", 1.0, 6, 60)
     assert any("610 validation users" in line for line in why)
     edge = derive_recipe(replace(SCIENTIFIC, valid_users=2000), BASE)[0]["train"]
