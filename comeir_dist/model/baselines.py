@@ -26,11 +26,13 @@ from torch import nn
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width
 from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
+from comeir_dist.model.code_sequence import all_position_states, window_code_loss
 from comeir_dist.model.decor import DecorComposer
 from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.flatten_sequence import flatten_sequence_loss
 from comeir_dist.model.history import Catalog, HistoryBatch
 from comeir_dist.model.nezha import NezhaBeams, NezhaDecoding
+from comeir_dist.model.sasrec import trim_left_padding
 from comeir_dist.model.token_embedding import SidTokenEmbedding
 
 
@@ -114,12 +116,22 @@ class GenerativeBaseline(nn.Module):
         return teacher_forced_code_logits(self.backbone, x, mask, fed, self.out, first)
 
     def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
-        """All-position training (``train.sample_mode: sequence``): one causal pass per window (flatten_sequence.py)."""
-        if self.variant != "flatten" or self.nezha is not None or self.composer is not None:
-            raise UserError(f"train.sample_mode=sequence trains flatten with model.decoding: normal and without "
-                            f"model.decor.compose (got {self.variant}, decoding {self.decoding}, compose "
+        """All-position training (``train.sample_mode: sequence``): flatten = one causal pass over a window's tokens
+        (flatten_sequence.py); tm = one pass over its item inputs and every position's fed-back codes under a block
+        mask (code_sequence.py)."""
+        if self.nezha is not None or self.composer is not None:
+            raise UserError(f"train.sample_mode=sequence trains {self.variant} with model.decoding: normal and "
+                            f"without model.decor.compose (got decoding {self.decoding}, compose "
                             f"{self.composer is not None}); use sample_mode: prefix")
-        return flatten_sequence_loss(self, batch, bf16)
+        if self.variant == "flatten":
+            return flatten_sequence_loss(self, batch, bf16)
+        width = batch.items.shape[1]
+        items, target = trim_left_padding(batch.items, batch.target)
+        codes = self.catalog.item_codes(target)  # [B, N, L]: every position's target
+        with torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=bf16):
+            x, mask = self.history_inputs(HistoryBatch(items, target))
+            states = all_position_states(self.backbone, x, mask, 1, self.tokens(codes[:, :, : self.levels - 1]))
+        return window_code_loss(self, states, codes, target >= 0, width, bf16)
 
     # ---- decoding ----------------------------------------------------------------------------
     def decoder(self, batch: HistoryBatch):

@@ -7,16 +7,15 @@ pass over the window's tokens ``s[0] .. s[last]``: the output at token p scores 
 that token's level. One pass scores every target of the window (SASRec's all-position training applied to SID
 tokens, as decoder-only SID generators train), each with the catalog-constrained loss of Eq. 12 (Eq. 11 masks).
 
-The loss is normalised like SASRec's :func:`comeir_dist.model.sasrec.SASRecModel.sequence_loss`: per window the SUM
-over its targets of the Eq. 12 loss, divided by the window width (a constant), then the mean over windows; so
-1..N ranks compute the same loss and a window weighs its targets like the prefix samples they replace.
+The loss is :func:`comeir_dist.model.code_sequence.window_code_loss` (normalised like SASRec's all-position loss).
+tm, and flatten with DECOR composition, feed codes that differ from the history tokens: code_sequence.py.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from comeir_dist.model.backbone import run_backbone
+from comeir_dist.model.code_sequence import window_code_loss
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.sasrec import trim_left_padding
 
@@ -37,17 +36,6 @@ def flatten_sequence_loss(model, batch: HistoryBatch, bf16: bool = False) -> tor
         mask = (seq >= 0).repeat_interleave(levels, dim=1)[:, :-1]
         h, _ = run_backbone(model.backbone, tok, mask)
     # level l of the item at sequence position j >= 1 is scored at token j*L + l - 1; item j is target[:, j-1]
-    sel = target >= 0  # [B, N]
-    tgt_codes = codes[:, 1:][sel]  # [P, L]
     first = torch.arange(1, n + 1, device=h.device) * levels - 1  # [N]: the token scoring code 1 of item j
-    rows = torch.arange(b, device=h.device).unsqueeze(1).expand(b, n)[sel]  # [P]
-    ce = h.new_zeros(rows.shape[0], dtype=torch.float32)
-    for level in range(levels):
-        hl = h[:, first + level][sel]  # [P, d]
-        with torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model.out[level](hl)
-        valid = model.trie.valid_mask(tgt_codes[:, :level], level=level)
-        ce = ce + F.cross_entropy(logits.float().masked_fill(~valid, float("-inf")), tgt_codes[:, level],
-                                  reduction="none")
-    per_window = ce.new_zeros(b).index_add(0, rows, ce)
-    return (per_window / width).mean()
+    states = [h[:, first + level] for level in range(levels)]
+    return window_code_loss(model, states, codes[:, 1:], target >= 0, width, bf16)

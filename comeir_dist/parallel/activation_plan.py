@@ -68,7 +68,7 @@ def global_pass_activations(cfg, world: int) -> GlobalPassActivations | None:
 @dataclass(frozen=True)
 class SequenceActivations:
     """All-position training (``train.sample_mode: sequence``): per window of W positions the ``[W, I]`` logits
-    over the catalog (flatten: ``[W*L, C]`` over one level's codes) (fp32 logits, softmax kept for backward,
+    over the catalog (flatten, tm: ``[W*L, C]`` over one level's codes) (fp32 logits, softmax kept for backward,
     their gradient: 3 x 4 bytes each) and, for plain
     sasrec, the window's attention (``2 L B H W^2 e``, as the global pass above; with the preference memory the
     global pass term already covers the long pass and the local passes are short)."""
@@ -98,8 +98,9 @@ def sequence_activations(cfg, world: int, num_items: int) -> SequenceActivations
     pm = cfg.model.pref_memory
     w = pm.archive_items if pm.enabled else cfg.max_history
     b = math.ceil(cfg.train.batch_size / cfg.train.grad_accum_steps / max(1, world))
-    # flatten: the backbone reads L tokens per item and every position scores one level's C codes
-    per_item, classes = ((cfg.engram.levels, cfg.engram.codebook_size) if cfg.model.variant == "flatten"
+    # flatten: the backbone reads L tokens per item; tm: 1 input + L-1 fed-back codes per position
+    # (code_sequence.py); both score one level's C codes per token
+    per_item, classes = ((cfg.engram.levels, cfg.engram.codebook_size) if cfg.model.variant in ("flatten", "tm")
                          else (1, int(num_items)))
     attention = 0
     if not pm.enabled:

@@ -26,7 +26,8 @@ JOBS = {"tm": ({"variant": "tm", "pref_memory": PM}, {}),
         "comeir": ({"variant": "comeir", "pref_memory": PM}, {}),
         "sasrec-seq": ({"variant": "sasrec", "pref_memory": PM}, SEQ),
         "sasrec-plain-seq": ({"variant": "sasrec"}, SEQ),
-        "flatten-seq": ({"variant": "flatten"}, SEQ)}
+        "flatten-seq": ({"variant": "flatten"}, SEQ),
+        "tm-seq": ({"variant": "tm"}, SEQ)}
 HOSTS = tuple(JOBS)
 
 

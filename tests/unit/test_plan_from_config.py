@@ -288,6 +288,9 @@ def test_plan_counts_all_position_training(tmp_path):
     flat = {**data, "max_history": 300, "model": {**model, "variant": "flatten"}}
     (fseq,) = run_activations(RunConfig(**flat), world=2, num_items=3650).parts
     assert fseq.logits_bytes == 12 * 32 * 900 * 128 and fseq.attention_bytes == 2 * 2 * 32 * 4 * 900 ** 2 * 4
+    # tm: 1 input + 2 fed-back codes per position (block mask, code_sequence.py): the same token count
+    (tseq,) = run_activations(RunConfig(**{**flat, "model": {**model, "variant": "tm"}}), 2, 3650).parts
+    assert (tseq.logits_bytes, tseq.attention_bytes) == (fseq.logits_bytes, fseq.attention_bytes)
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps(data))

@@ -1,4 +1,5 @@
-"""All-position training (``train.sample_mode: sequence``): windows, and the loss equals the prefix samples' losses."""
+"""All-position training (``train.sample_mode: sequence``): windows, and the loss equals the prefix samples' losses
+(sasrec, the preference memory, flatten, tm)."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,8 @@ def test_dataset_windows_cover_the_prefix_samples(tmp_path):
     cfg = tiny_run_config(ds, tmp_path / "run", variant="sasrec", sample_mode="sequence")
     x, y = sequence_training_samples(cfg)
     assert int((y >= 0).sum()) == count_training_samples(ds)  # every prefix sample's target, once
-    with pytest.raises(Exception, match="model.variant must be sasrec"):
-        tiny_run_config(ds, tmp_path / "run", variant="tm", sample_mode="sequence")
+    with pytest.raises(Exception, match="model.variant must be sasrec, flatten or tm"):
+        tiny_run_config(ds, tmp_path / "run", variant="comeir", sample_mode="sequence")
 
 
 def _sasrec(seed=0):
@@ -89,24 +90,25 @@ def test_sasrec_sequence_loss_equals_the_prefix_losses():
     assert trim_left_padding(*wide)[0].shape[1] == 8
 
 
-def _flatten(tmp_path, sample_mode="sequence", **model):
+def _flatten(tmp_path, sample_mode="sequence", variant="flatten", **model):
     from comeir_dist.train.setup import build_sharded_model, load_inputs
 
     ds = make_tiny_dataset(tmp_path, seq_len=14)
-    cfg = tiny_run_config(ds, tmp_path / "run", variant="flatten", sample_mode=sample_mode)
+    cfg = tiny_run_config(ds, tmp_path / "run", variant=variant, sample_mode=sample_mode)
     cfg.model = cfg.model.model_copy(update=model)
     torch.manual_seed(0)
     sids, emb = load_inputs(cfg)
     return build_sharded_model(cfg, sids, emb, torch.device("cpu")).eval(), cfg
 
 
-def test_flatten_sequence_loss_equals_the_prefix_losses(tmp_path):
-    """One causal pass over a window's SID tokens scores every target exactly as the prefix sample (window[:i+1],
-    target i) of prefix training does (Eq. 12 with the catalog masks of Eq. 11), positions counted from the window's
-    first real token."""
+@pytest.mark.parametrize("variant", ["flatten", "tm"])
+def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant):
+    """One pass over a window scores every target exactly as the prefix sample (window[:i+1], target i) of prefix
+    training does (Eq. 12 with the catalog masks of Eq. 11), positions counted from the window's first real token:
+    flatten's causal pass over the SID tokens, tm's block-masked pass over items + fed-back codes (code_sequence.py)."""
     from comeir_dist.parallel.dense import sid_training_loss
 
-    model, cfg = _flatten(tmp_path)
+    model, cfg = _flatten(tmp_path, variant=variant)
     x, y = (torch.as_tensor(a) for a in sequence_training_samples(cfg))
     x, y = x[:9], y[:9]
     assert int((x >= 0).sum(-1).min()) < 4 < int((x >= 0).sum(-1).max())  # short and long windows mixed
@@ -116,17 +118,21 @@ def test_flatten_sequence_loss_equals_the_prefix_losses(tmp_path):
     wide = torch.cat([torch.full((len(x), 3), -1), x], 1), torch.cat([torch.full((len(y), 3), -1), y], 1)
     assert float(sid_training_loss(model, HistoryBatch(*wide))) * (x.shape[1] + 3) == pytest.approx(
         seq * x.shape[1], rel=1e-5)
+    if variant == "tm":  # the block mask as an additive float mask (eager attention) gives the same loss
+        model.backbone.config._attn_implementation = "eager"
+        assert float(sid_training_loss(model, HistoryBatch(x, y))) == pytest.approx(seq, rel=1e-5)
 
 
-def test_flatten_sequence_mode_refuses_what_it_cannot_train(tmp_path):
-    base = tiny_run_config(make_tiny_dataset(tmp_path), tmp_path / "r", variant="flatten").model_dump()
+@pytest.mark.parametrize("variant", ["flatten", "tm"])
+def test_sid_sequence_mode_refuses_what_it_cannot_train(tmp_path, variant):
+    base = tiny_run_config(make_tiny_dataset(tmp_path), tmp_path / "r", variant=variant).model_dump()
     for model in ({"decoding": "nezha"}, {"decor": {"compose": True}}):
-        with pytest.raises(Exception, match="sample_mode=sequence with flatten needs model.decoding: normal"):
+        with pytest.raises(Exception, match=f"sample_mode=sequence with {variant} needs model.decoding: normal"):
             RunConfig.model_validate({**base, "model": {**base["model"], **model},
                                       "train": {**base["train"], "sample_mode": "sequence"}})
-    model, _ = _flatten(tmp_path / "nezha", "prefix", decoding="nezha")  # past the config check: the model refuses
+    model, _ = _flatten(tmp_path / "nezha", "prefix", variant, decoding="nezha")  # past the config check: the model
     x, y = torch.tensor([[0, 1]]), torch.tensor([[1, 2]])
-    with pytest.raises(UserError, match="trains flatten with model.decoding: normal"):
+    with pytest.raises(UserError, match=f"trains {variant} with model.decoding: normal"):
         model.sequence_training_loss(HistoryBatch(x, y))
 
 
@@ -154,7 +160,7 @@ def test_memory_sequence_loss_adds_the_consistency_term():
     assert float(loss) == pytest.approx(model.last_losses["ar"] + model.last_losses["con"], rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["sasrec", "flatten"])
+@pytest.mark.parametrize("variant", ["sasrec", "flatten", "tm"])
 def test_sequence_training_learns(tmp_path, variant):
     from comeir_dist.train.loop import train
     import json
