@@ -134,11 +134,12 @@ class TrainConfig(Section):
                                 "for long, varied histories (sample_mode sequence, pref_memory archives).")
     sample_mode: Literal["prefix", "sequence", "auto"] = Field(
         "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
-        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten and tm with decoding normal, no "
-        "composition, no pref_memory) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
+        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten, tm and comeir with decoding normal, "
+        "no composition, no pref_memory) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
         "to segments) with the next item at EVERY position as target (SASRec's own all-position training; Rec2PM's "
         "L_AR over every segment; for flatten one causal pass over the window's SID tokens scores every item's "
-        "codes; for tm one pass over the item inputs and every position's fed-back codes under a block mask): one sample per window instead of one per item, so long histories cost one pass per window, not "
+        "codes; for tm one pass over the item inputs and every position's fed-back codes under a block mask; for "
+        "comeir one encoder + backbone pass per window, the memory head once per target): one sample per window instead of one per item, so long histories cost one pass per window, not "
         "one per prefix. 'auto' = 'sequence' for the variants that can train on every position (then with "
         "sequence_batch_size / sequence_warmup_steps), else 'prefix': one config for a whole comparison "
         "(`comeir recipe` writes it).")
@@ -215,11 +216,6 @@ class RunConfig(Section):
                              f"needed by flatten (L*max_history + L + 1)")
         if self.train.sample_mode == "sequence" and not trains_every_position(self.model):
             m = self.model
-            if m.variant not in ("sasrec", "flatten", "tm"):
-                raise ValueError(f"train.sample_mode=sequence trains the next item at every position: model.variant "
-                                 f"must be sasrec, flatten or tm (got {m.variant}: its memory head decodes one "
-                                 f"target per sample; for a comparison of several variants use train.sample_mode: "
-                                 f"auto)")
             raise ValueError(f"train.sample_mode=sequence with {m.variant} needs model.decoding: normal, "
                              f"model.decor.compose: false and no model.pref_memory (got decoding {m.decoding}, "
                              f"compose {m.decor.compose}, pref_memory {m.pref_memory.enabled}; train.sample_mode: "
@@ -232,11 +228,11 @@ class RunConfig(Section):
 
 def trains_every_position(model: ModelConfig) -> bool:
     """Whether ``model`` can train on every position of a window (``train.sample_mode: sequence``): sasrec, and
-    flatten / tm with normal decoding, no DECOR composition and no preference memory (comeir's memory head and
-    NEZHA read the history in ways one window pass does not reproduce yet)."""
+    flatten / tm / comeir with normal decoding, no DECOR composition and no preference memory (NEZHA's placeholders
+    and composed codes depend on the whole prefix sample; one window pass does not reproduce them yet)."""
     if model.variant == "sasrec":
         return True
-    return (model.variant in ("flatten", "tm") and model.decoding == "normal" and not model.decor.compose
+    return (model.variant in ("flatten", "tm", "comeir") and model.decoding == "normal" and not model.decor.compose
             and not model.pref_memory.enabled)
 
 

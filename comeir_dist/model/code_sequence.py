@@ -11,8 +11,9 @@ a block mask:
 * positions count real tokens from the window's first one; fed-back code f of position j sits at the position of
   item j's last input + 1 + f, where the prefix sample puts it.
 
-So the level-l logits at position j equal the prefix sample's (tested). tm feeds one input per item; flatten L (its
-plain mode, flatten_sequence.py, needs no fed-back tokens: its inputs ARE the codes).
+So the level-l logits at position j equal the prefix sample's (tested). tm (and comeir's decoder head) feed one input
+per item; flatten's plain mode (flatten_sequence.py) needs no fed-back tokens: its inputs ARE the codes. comeir's
+memory head reads no fed-back codes: comeir_sequence.py.
 """
 from __future__ import annotations
 
@@ -61,18 +62,26 @@ def all_position_states(backbone: nn.Module, x: torch.Tensor, valid: torch.Tenso
 
 def window_code_loss(model, states: list[torch.Tensor], codes: torch.Tensor, sel: torch.Tensor, width: int,
                      bf16: bool = False) -> torch.Tensor:
-    """Eq. 12 (catalog-constrained, Eq. 11 masks) at every real target of every window: ``states`` ``[B, N, d]`` per
-    level, ``codes [B, N, L]`` the targets' codes, ``sel [B, N]`` the real targets. Normalised like SASRec's
-    all-position loss: per window the SUM over its targets divided by the window width, then the mean over windows
-    (1..N ranks compute the same loss; a window weighs its targets like the prefix samples they replace)."""
-    b = sel.shape[0]
-    tgt = codes[sel]  # [P, L]
-    rows = torch.arange(b, device=sel.device).unsqueeze(1).expand_as(sel)[sel]  # [P]
-    ce = states[0].new_zeros(rows.shape[0], dtype=torch.float32)
+    """Eq. 12 at every real target of every window from backbone ``states`` ``[B, N, d]`` per level scored by
+    ``model.out`` (flatten, tm, comeir's decoder head); ``codes [B, N, L]`` the targets' codes, ``sel [B, N]`` the
+    real targets. See :func:`window_loss`."""
+    rows, _ = sel.nonzero(as_tuple=True)
+    logits = []
     for level, h in enumerate(states):
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model.out[level](h[sel])
-        valid = model.trie.valid_mask(tgt[:, :level], level=level)
-        ce = ce + F.cross_entropy(logits.float().masked_fill(~valid, float("-inf")), tgt[:, level], reduction="none")
-    per_window = ce.new_zeros(b).index_add(0, rows, ce)
+            logits.append(model.out[level](h[sel]))
+    return window_loss(logits, codes[sel], rows, sel.shape[0], width, model.trie)
+
+
+def window_loss(logits: list[torch.Tensor], tgt: torch.Tensor, rows: torch.Tensor, windows: int, width: int,
+                trie) -> torch.Tensor:
+    """The catalog-constrained loss (Eq. 12 with the Eq. 11 masks) of P targets, ``logits [P, C]`` per level,
+    ``tgt [P, L]`` their codes, ``rows [P]`` their window. Normalised like SASRec's all-position loss: per window the
+    SUM over its targets divided by the window width, then the mean over the ``windows`` (1..N ranks compute the same
+    loss; a window weighs its targets like the prefix samples they replace)."""
+    ce = logits[0].new_zeros(rows.shape[0], dtype=torch.float32)
+    for level, lg in enumerate(logits):
+        valid = trie.valid_mask(tgt[:, :level], level=level)
+        ce = ce + F.cross_entropy(lg.float().masked_fill(~valid, float("-inf")), tgt[:, level], reduction="none")
+    per_window = ce.new_zeros(windows).index_add(0, rows, ce)
     return (per_window / width).mean()

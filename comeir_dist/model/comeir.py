@@ -31,6 +31,7 @@ from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
 from comeir_dist.model.comeir_encoder import ComeIREncoder, history_units
+from comeir_dist.model.comeir_sequence import comeir_sequence_loss
 from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.engram_memory import EngramLookup, EngramTables
 from comeir_dist.model.history import Catalog, HistoryBatch
@@ -126,6 +127,14 @@ class ComeIRModel(nn.Module):
                                               enc["s0"], enc["mask"])
         return [self.head.logits(enc["lp"], req, zeta, enc["s0"], enc["mask"],
                                  self.tokens.level_table(req.level - 1))[:, 0] for req, zeta in zip(enc["extra"], zetas)]
+
+    def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
+        """All-position training (``train.sample_mode: sequence``): one encoder and backbone pass per window, the
+        head once per target (comeir_sequence.py)."""
+        if self.nezha is not None:
+            raise UserError("train.sample_mode=sequence trains comeir with model.decoding: normal (got nezha); use "
+                            "sample_mode: prefix")
+        return comeir_sequence_loss(self, batch, bf16)
 
     def decoder(self, batch: HistoryBatch):
         """``step_fn`` for beam search: the backbone runs once; each level reads the memories of its candidates

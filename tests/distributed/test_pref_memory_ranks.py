@@ -5,8 +5,9 @@ best/ evaluates identically in one process.
 Histories of up to 12 training items in segments of 3: the two ranks' halves of the uneven global batch (13 = 7 +
 6) hold different numbers of complete segments, so the ranks run global / local passes of different sizes in the
 same step (the dense gradients still reduce over the same parameters). The ``-seq`` runs train sasrec (with and
-without the memory) and flatten (no memory: one causal pass over a window's SID tokens) on all-position windows
-(``train.sample_mode: sequence``).
+without the memory), flatten (one causal pass over a window's SID tokens), tm (block-masked pass over items and
+fed-back codes) and comeir (one encoder + backbone pass per window, the memory head per target, the sharded tables
+read once per step) on all-position windows (``train.sample_mode: sequence``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ JOBS = {"tm": ({"variant": "tm", "pref_memory": PM}, {}),
         "sasrec-seq": ({"variant": "sasrec", "pref_memory": PM}, SEQ),
         "sasrec-plain-seq": ({"variant": "sasrec"}, SEQ),
         "flatten-seq": ({"variant": "flatten"}, SEQ),
-        "tm-seq": ({"variant": "tm"}, SEQ)}
+        "tm-seq": ({"variant": "tm"}, SEQ),
+        "comeir-seq": ({"variant": "comeir"}, SEQ)}
 HOSTS = tuple(JOBS)
 
 

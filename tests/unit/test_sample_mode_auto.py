@@ -23,7 +23,8 @@ def _auto(tmp_path, variant, **model):
 @pytest.mark.parametrize("variant,model,mode", [
     ("flatten", {}, "sequence"), ("sasrec", {}, "sequence"),
     ("flatten", {"decoding": "nezha"}, "prefix"), ("flatten", {"decor": {"compose": True}}, "prefix"),
-    ("tm", {}, "prefix"), ("comeir", {}, "prefix")])
+    ("tm", {}, "sequence"), ("comeir", {}, "sequence"), ("comeir", {"decoding": "nezha"}, "prefix"),
+    ("tm", {"pref_memory": {"enabled": True}}, "prefix")])
 def test_auto_resolves_to_the_mode_the_variant_can_train(tmp_path, variant, model, mode):
     cfg = _auto(tmp_path, variant, **model)  # valid for every variant: no sequence-mode refusal
     run = resolve_sample_mode(cfg)
@@ -49,24 +50,27 @@ def test_sequence_batch_is_checked_against_accumulation(tmp_path):
 def test_memory_plan_estimates_auto_as_the_variant_trains(tmp_path):
     flat = run_activations(_auto(tmp_path, "flatten"), world=1, num_items=30)
     assert flat is not None and flat.parts[0].micro_batch == 4  # the window batch, L tokens per item
-    assert run_activations(_auto(tmp_path, "tm"), world=1, num_items=30) is None
+    assert run_activations(_auto(tmp_path, "tm", decoding="nezha"), world=1, num_items=30) is None
 
 
-def test_experiment_with_auto_trains_flatten_on_windows_and_tm_on_prefixes(tmp_path):
+def test_experiment_with_auto_trains_flatten_on_windows_and_nezha_on_prefixes(tmp_path):
     from comeir_dist.train.experiment import run_experiment
 
     ds = make_tiny_dataset(tmp_path, seq_len=10)
     cfg = tiny_run_config(ds, tmp_path / "exp", variant="comeir", max_steps=4, eval_every=2, **AUTO)
-    run_experiment(cfg, ["flatten", "tm"], 1)
-    rows = {v: json.loads((tmp_path / "exp" / "results" / f"{v}-seed42.json").read_text()) for v in ("flatten", "tm")}
+    nezha = cfg.model_copy(update={"model": cfg.model.model_copy(update={"decoding": "nezha"})})
+    run_experiment(cfg, ["flatten"], 1)
+    run_experiment(nezha, ["tm"], 1, label="tm-nezha")
+    results = tmp_path / "exp" / "results"
+    flat, tm = (json.loads((results / f"{k}-seed42.json").read_text()) for k in ("flatten", "tm-nezha"))
     windows, _ = sequence_training_samples(resolve_sample_mode(_auto(tmp_path, "flatten").model_copy(
         update={"dataset": str(ds)})))
-    assert rows["flatten"]["train"]["sample_mode"] == "sequence" and rows["flatten"]["train"]["batch_size"] == 4
-    assert rows["flatten"]["train_samples"] == len(windows)
-    assert rows["tm"]["train"]["sample_mode"] == "prefix" and rows["tm"]["train"]["batch_size"] == 32
-    assert rows["tm"]["train_samples"] > rows["flatten"]["train_samples"]
+    assert flat["train"]["sample_mode"] == "sequence" and flat["train"]["batch_size"] == 4
+    assert flat["train_samples"] == len(windows)
+    assert tm["train"]["sample_mode"] == "prefix" and tm["train"]["batch_size"] == 32
+    assert tm["train_samples"] > flat["train_samples"]
     best = json.loads((tmp_path / "exp" / "flatten-seed42" / "best" / "meta.json").read_text())["config"]
     assert best["train"]["sample_mode"] == "sequence"  # the checkpoint records what ran
-    mtime = (tmp_path / "exp" / "results" / "flatten-seed42.json").stat().st_mtime_ns
-    run_experiment(cfg, ["flatten", "tm"], 1)  # a rerun finds both finished
-    assert (tmp_path / "exp" / "results" / "flatten-seed42.json").stat().st_mtime_ns == mtime
+    mtime = (results / "flatten-seed42.json").stat().st_mtime_ns
+    run_experiment(cfg, ["flatten"], 1)  # a rerun finds the run finished
+    assert (results / "flatten-seed42.json").stat().st_mtime_ns == mtime

@@ -46,8 +46,10 @@ def test_dataset_windows_cover_the_prefix_samples(tmp_path):
     cfg = tiny_run_config(ds, tmp_path / "run", variant="sasrec", sample_mode="sequence")
     x, y = sequence_training_samples(cfg)
     assert int((y >= 0).sum()) == count_training_samples(ds)  # every prefix sample's target, once
-    with pytest.raises(Exception, match="model.variant must be sasrec, flatten or tm"):
-        tiny_run_config(ds, tmp_path / "run", variant="comeir", sample_mode="sequence")
+    data = tiny_run_config(ds, tmp_path / "run", variant="comeir").model_dump()
+    data["model"]["decoding"], data["train"]["sample_mode"] = "nezha", "sequence"
+    with pytest.raises(Exception, match="sample_mode=sequence with comeir needs model.decoding: normal"):
+        RunConfig.model_validate(data)
 
 
 def _sasrec(seed=0):
@@ -90,7 +92,7 @@ def test_sasrec_sequence_loss_equals_the_prefix_losses():
     assert trim_left_padding(*wide)[0].shape[1] == 8
 
 
-def _flatten(tmp_path, sample_mode="sequence", variant="flatten", **model):
+def _sid_model(tmp_path, sample_mode="sequence", variant="flatten", **model):
     from comeir_dist.train.setup import build_sharded_model, load_inputs
 
     ds = make_tiny_dataset(tmp_path, seq_len=14)
@@ -101,14 +103,16 @@ def _flatten(tmp_path, sample_mode="sequence", variant="flatten", **model):
     return build_sharded_model(cfg, sids, emb, torch.device("cpu")).eval(), cfg
 
 
-@pytest.mark.parametrize("variant", ["flatten", "tm"])
-def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant):
+@pytest.mark.parametrize("variant,model", [
+    ("flatten", {}), ("tm", {}), ("comeir", {}), ("comeir", {"head_interaction": "dot"}),
+    ("comeir", {"comeir_head": "decoder"})])
+def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant, model):
     """One pass over a window scores every target exactly as the prefix sample (window[:i+1], target i) of prefix
     training does (Eq. 12 with the catalog masks of Eq. 11), positions counted from the window's first real token:
     flatten's causal pass over the SID tokens, tm's block-masked pass over items + fed-back codes (code_sequence.py)."""
     from comeir_dist.parallel.dense import sid_training_loss
 
-    model, cfg = _flatten(tmp_path, variant=variant)
+    model, cfg = _sid_model(tmp_path, variant=variant, **model)
     x, y = (torch.as_tensor(a) for a in sequence_training_samples(cfg))
     x, y = x[:9], y[:9]
     assert int((x >= 0).sum(-1).min()) < 4 < int((x >= 0).sum(-1).max())  # short and long windows mixed
@@ -123,14 +127,16 @@ def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant):
         assert float(sid_training_loss(model, HistoryBatch(x, y))) == pytest.approx(seq, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["flatten", "tm"])
+@pytest.mark.parametrize("variant", ["flatten", "tm", "comeir"])
 def test_sid_sequence_mode_refuses_what_it_cannot_train(tmp_path, variant):
     base = tiny_run_config(make_tiny_dataset(tmp_path), tmp_path / "r", variant=variant).model_dump()
-    for model in ({"decoding": "nezha"}, {"decor": {"compose": True}}):
+    cases = [{"decoding": "nezha"}] + ([{"decor": {"compose": True}}] if variant != "comeir" else []) + (
+        [{"pref_memory": {"enabled": True}}] if variant != "flatten" else [])
+    for model in cases:
         with pytest.raises(Exception, match=f"sample_mode=sequence with {variant} needs model.decoding: normal"):
             RunConfig.model_validate({**base, "model": {**base["model"], **model},
                                       "train": {**base["train"], "sample_mode": "sequence"}})
-    model, _ = _flatten(tmp_path / "nezha", "prefix", variant, decoding="nezha")  # past the config check: the model
+    model, _ = _sid_model(tmp_path / "nezha", "prefix", variant, decoding="nezha")  # past the config check: the model
     x, y = torch.tensor([[0, 1]]), torch.tensor([[1, 2]])
     with pytest.raises(UserError, match=f"trains {variant} with model.decoding: normal"):
         model.sequence_training_loss(HistoryBatch(x, y))
@@ -160,7 +166,7 @@ def test_memory_sequence_loss_adds_the_consistency_term():
     assert float(loss) == pytest.approx(model.last_losses["ar"] + model.last_losses["con"], rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["sasrec", "flatten", "tm"])
+@pytest.mark.parametrize("variant", ["sasrec", "flatten", "tm", "comeir"])
 def test_sequence_training_learns(tmp_path, variant):
     from comeir_dist.train.loop import train
     import json
@@ -203,7 +209,8 @@ def test_experiment_with_a_sequence_config_checks_variants_and_runs_popular(tmp_
 
     ds = make_tiny_dataset(tmp_path)
     cfg = tiny_run_config(ds, tmp_path / "exp", variant="sasrec", sample_mode="sequence")
-    with pytest.raises(UserError, match="--variants tm.*model.variant must be sasrec"):
+    cfg.model.pref_memory.enabled = True  # sasrec's archives; tm cannot train on every position with them
+    with pytest.raises(UserError, match="--variants tm.*sample_mode=sequence with tm needs"):
         run_experiment(cfg, ["popular", "tm"], 1)
     assert not (tmp_path / "exp" / "results").exists()  # checked before anything runs
     table = run_experiment(cfg, ["popular"], 1)
