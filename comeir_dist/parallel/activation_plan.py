@@ -42,6 +42,15 @@ class GlobalPassActivations:
                 f"{self.attention_bytes / 2**30:.2f} GiB per rank")
 
 
+def _width(bb) -> int:
+    """Hidden size of ``model.backbone``: its size, or the HF config it names."""
+    if bb.path or bb.config_file:
+        from comeir_dist.parallel.memory_plan import backbone_hf_config
+
+        return int(backbone_hf_config(bb)[0].hidden_size)
+    return int(bb.hidden_size)
+
+
 def _layers_heads(bb) -> tuple[int, int]:
     """(layers, attention heads) of ``model.backbone``: its sizes, or the HF config it names."""
     if bb.path or bb.config_file:
@@ -68,12 +77,13 @@ def global_pass_activations(cfg, world: int) -> GlobalPassActivations | None:
 @dataclass(frozen=True)
 class SequenceActivations:
     """All-position training (``train.sample_mode: sequence``): per window of W positions the ``[W, I]`` logits
-    over the catalog (flatten, tm: ``[W*L, C]`` over one level's codes) (fp32 logits, softmax kept for backward,
-    their gradient: 3 x 4 bytes each) and, for plain
-    sasrec, the window's attention (``2 L B H W^2 e``, as the global pass above; with the preference memory the
-    global pass term already covers the long pass and the local passes are short)."""
+    over the catalog (flatten, tm, comeir: ``[W*L, C]``, each target's L levels over one level's C codes; comeir
+    adds its head's ``[W*C, d]`` pair states at level 1) (fp32 logits, softmax kept for backward,
+    their gradient: 3 x 4 bytes each) and, without the preference memory, the window's attention
+    (``2 L B H T^2 e`` over its T tokens, as the global pass above; with the memory the global pass term already covers
+    the long pass and the local passes are short)."""
 
-    window: int  # W positions (flatten: W*L tokens)
+    window: int  # backbone tokens per window: W positions (flatten, tm: W*L)
     micro_batch: int
     num_items: int  # scored classes per position (flatten: the codebook size)
     logits_bytes: int
@@ -91,6 +101,11 @@ class SequenceActivations:
                 f"GiB per rank")
 
 
+# [pairs, d] tensors the memory head keeps per (target, candidate) pair for backward: W_H zeta + W_C e_x, the two
+# projected reads, the LayerNorm's input and output (memory_head.py)
+HEAD_PAIR_TENSORS = 6
+
+
 def sequence_activations(cfg, world: int, num_items: int) -> SequenceActivations | None:
     """The all-position estimate for run config ``cfg``; None in prefix mode."""
     if cfg.train.sample_mode != "sequence":
@@ -98,16 +113,21 @@ def sequence_activations(cfg, world: int, num_items: int) -> SequenceActivations
     pm = cfg.model.pref_memory
     w = pm.archive_items if pm.enabled else cfg.max_history
     b = math.ceil(cfg.train.batch_size / cfg.train.grad_accum_steps / max(1, world))
-    # flatten: the backbone reads L tokens per item; tm: 1 input + L-1 fed-back codes per position
-    # (code_sequence.py); both score one level's C codes per token
-    per_item, classes = ((cfg.engram.levels, cfg.engram.codebook_size) if cfg.model.variant in ("flatten", "tm")
-                         else (1, int(num_items)))
+    variant, levels, codes = cfg.model.variant, cfg.engram.levels, cfg.engram.codebook_size
+    if variant == "sasrec":  # one input per item, every position scores every item
+        tokens, logits = w, 3 * 4 * b * w * int(num_items)
+    else:  # every target scores L levels x C codes
+        logits = 3 * 4 * b * w * levels * codes
+        # flatten: L tokens per item; tm: 1 input + L-1 fed-back codes per position (code_sequence.py); comeir: one
+        # input per item, and its head holds a [d] state per (target, code) pair at level 1 (every code is valid)
+        tokens = w if variant == "comeir" else w * levels
+        if variant == "comeir":
+            logits += HEAD_PAIR_TENSORS * 4 * b * w * codes * _width(cfg.model.backbone)
     attention = 0
     if not pm.enabled:
         layers, heads = _layers_heads(cfg.model.backbone)
-        t = w * per_item
-        attention = 2 * layers * b * heads * t * t * (2 if cfg.train.bf16 else 4)
-    return SequenceActivations(w * per_item, b, classes, 3 * 4 * b * w * per_item * classes, attention)
+        attention = 2 * layers * b * heads * tokens * tokens * (2 if cfg.train.bf16 else 4)
+    return SequenceActivations(tokens, b, codes if variant != "sasrec" else int(num_items), logits, attention)
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,10 @@ def test_plan_counts_all_position_training(tmp_path):
     # tm: 1 input + 2 fed-back codes per position (block mask, code_sequence.py): the same token count
     (tseq,) = run_activations(RunConfig(**{**flat, "model": {**model, "variant": "tm"}}), 2, 3650).parts
     assert (tseq.logits_bytes, tseq.attention_bytes) == (fseq.logits_bytes, fseq.attention_bytes)
+    # comeir: 300 backbone inputs; the head's [d] state per (target, code) pair at level 1 joins the logits
+    (cseq,) = run_activations(RunConfig(**{**flat, "model": {**model, "variant": "comeir"}}), 2, 3650).parts
+    assert cseq.window == 300 and cseq.attention_bytes == 2 * 2 * 32 * 4 * 300 ** 2 * 4
+    assert cseq.logits_bytes == fseq.logits_bytes + 6 * 4 * 32 * 300 * 128 * 64
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps(data))
