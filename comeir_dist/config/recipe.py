@@ -18,7 +18,7 @@ histories -- with one stated rule per setting, so a user's first run on their ow
   else every epoch with patience 2 -- the same 2-epoch patience in both cases; all validation users
   (``eval_users: null``, the protocol; the experiment table reports the standard error).
 * ``train.sample_mode: auto``: the variants that can train on every position of a window (flatten, tm and comeir
-  with normal decoding, sasrec) do, NEZHA and DECOR composition train on prefixes (config.run.resolve_sample_mode).
+  with normal decoding, sasrec) do, NEZHA decoding trains on prefixes (config.run.resolve_sample_mode).
   Their batch (``train.sequence_batch_size``) and warm-up (``train.sequence_warmup_steps``) follow the two rules above with
   windows (``ceil((n - 1) / max_history)`` per user) in place of samples: 64 and 50 on the bundled data, the
   values of the README's flatten all-position runs. Why: on MovieLens flatten trained on prefixes stayed at the
@@ -164,7 +164,7 @@ def derive_recipe(profile: DatasetProfile, base: dict, history_cap: int = HISTOR
     seq_warmup = _warmup_steps(windows / seq_batch)
     why.append(f"train.sample_mode: auto, train.sequence_batch_size: {seq_batch}, train.sequence_warmup_steps: "
                f"{seq_warmup} -- the variants with normal decoding train on every position of {windows:,} windows of <= {hist} "
-               f"items ({windows / seq_batch:.0f} steps per epoch, the same two rules), NEZHA / composition on prefixes")
+               f"items ({windows / seq_batch:.0f} steps per epoch, the same two rules), NEZHA on prefixes")
     schedule, max_epochs = "plateau", cfg["train"].get("max_epochs", 30)
     if profile.valid_users < NOISY_VALIDATION_USERS:
         schedule, every, patience, max_epochs = "constant", 1.0, 6, 60

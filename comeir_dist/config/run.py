@@ -134,8 +134,8 @@ class TrainConfig(Section):
                                 "for long, varied histories (sample_mode sequence, pref_memory archives).")
     sample_mode: Literal["prefix", "sequence", "auto"] = Field(
         "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
-        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten, tm and comeir with decoding normal, "
-        "no composition, no pref_memory) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
+        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten, tm and comeir with decoding normal "
+        "and no pref_memory) = windows of each training sequence (max_history items, or pref_memory.archive_items aligned "
         "to segments) with the next item at EVERY position as target (SASRec's own all-position training; Rec2PM's "
         "L_AR over every segment; for flatten one causal pass over the window's SID tokens scores every item's "
         "codes; for tm one pass over the item inputs and every position's fed-back codes under a block mask; for "
@@ -216,10 +216,9 @@ class RunConfig(Section):
                              f"needed by flatten (L*max_history + L + 1)")
         if self.train.sample_mode == "sequence" and not trains_every_position(self.model):
             m = self.model
-            raise ValueError(f"train.sample_mode=sequence with {m.variant} needs model.decoding: normal, "
-                             f"model.decor.compose: false and no model.pref_memory (got decoding {m.decoding}, "
-                             f"compose {m.decor.compose}, pref_memory {m.pref_memory.enabled}; train.sample_mode: "
-                             f"auto picks prefix for them)")
+            raise ValueError(f"train.sample_mode=sequence with {m.variant} needs model.decoding: normal and no "
+                             f"model.pref_memory (got decoding {m.decoding}, pref_memory {m.pref_memory.enabled}; "
+                             f"train.sample_mode: auto picks prefix for them)")
         if self.model.backbone.max_positions < self.max_history + 1:
             raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
                              f"({self.model.backbone.max_positions})")
@@ -228,12 +227,11 @@ class RunConfig(Section):
 
 def trains_every_position(model: ModelConfig) -> bool:
     """Whether ``model`` can train on every position of a window (``train.sample_mode: sequence``): sasrec, and
-    flatten / tm / comeir with normal decoding, no DECOR composition and no preference memory (NEZHA's placeholders
-    and composed codes depend on the whole prefix sample; one window pass does not reproduce them yet)."""
+    flatten / tm (with or without DECOR composition) / comeir with normal decoding and no preference memory (NEZHA's
+    placeholders and recurrent state belong to one prefix sample; one window pass does not reproduce them yet)."""
     if model.variant == "sasrec":
         return True
-    return (model.variant in ("flatten", "tm", "comeir") and model.decoding == "normal" and not model.decor.compose
-            and not model.pref_memory.enabled)
+    return model.variant in ("flatten", "tm", "comeir") and model.decoding == "normal" and not model.pref_memory.enabled
 
 
 def resolve_sample_mode(cfg: RunConfig) -> RunConfig:

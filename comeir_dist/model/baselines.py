@@ -29,6 +29,7 @@ from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_c
 from comeir_dist.model.code_sequence import all_position_states, window_code_loss
 from comeir_dist.model.decor import DecorComposer
 from comeir_dist.model.decor_config import DecorConfig
+from comeir_dist.model.decor_sequence import composed_sequence_loss
 from comeir_dist.model.flatten_sequence import flatten_sequence_loss
 from comeir_dist.model.history import Catalog, HistoryBatch
 from comeir_dist.model.nezha import NezhaBeams, NezhaDecoding
@@ -118,11 +119,13 @@ class GenerativeBaseline(nn.Module):
     def sequence_training_loss(self, batch: HistoryBatch, bf16: bool = False) -> torch.Tensor:
         """All-position training (``train.sample_mode: sequence``): flatten = one causal pass over a window's tokens
         (flatten_sequence.py); tm = one pass over its item inputs and every position's fed-back codes under a block
-        mask (code_sequence.py)."""
-        if self.nezha is not None or self.composer is not None:
-            raise UserError(f"train.sample_mode=sequence trains {self.variant} with model.decoding: normal and "
-                            f"without model.decor.compose (got decoding {self.decoding}, compose "
-                            f"{self.composer is not None}); use sample_mode: prefix")
+        mask (code_sequence.py); with DECOR composition the fed-back codes are composed per position
+        (decor_sequence.py)."""
+        if self.nezha is not None:
+            raise UserError(f"train.sample_mode=sequence trains {self.variant} with model.decoding: normal (got "
+                            f"{self.decoding}); use sample_mode: prefix")
+        if self.composer is not None:
+            return composed_sequence_loss(self, batch, bf16)
         if self.variant == "flatten":
             return flatten_sequence_loss(self, batch, bf16)
         width = batch.items.shape[1]

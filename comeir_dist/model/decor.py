@@ -32,8 +32,8 @@ Where the paper is silent (decisions, each tested in tests/unit/test_decor.py):
 * Eq. 16 is scaled by 1/sqrt(d) (the scaled dot product of the paper's attention primer, Sec. 3.1.7), so the
   initial composition weights are near uniform rather than saturated.
 * One W_q / W_k and one pooling network for all levels (the paper defines a single one).
-* The softmax pooling of Eq. 14 is computed as an online softmax: history statistics once per user, then one
-  generated token at a time (:func:`extend`). Teacher forcing and the KV-cached decoder call the same functions
+* The softmax pooling of Eq. 14 is computed as an online softmax: history statistics once per user (all-position
+  training: once per position, :func:`prefix_states`), then one generated token at a time (:func:`extend`). Teacher forcing and the KV-cached decoder call the same functions
   in the same order, so they give the same numbers (decoder == teacher forcing, tested).
 """
 from __future__ import annotations
@@ -124,6 +124,19 @@ class DecorComposer(nn.Module):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m.unsqueeze(-1))  # 0 at padding
         return PoolState(m, e.sum(-1), torch.einsum("bt,btd->bd", e, hist.float()))
+
+    def prefix_states(self, hist: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> PoolState:
+        """Pooling statistics of ``hist [B, T, d]`` (real where ``mask``) over tokens ``0..t[r]`` of row ``b[r]``, one
+        state per r (all-position training: the history of every position of a window). The same pooled vectors as
+        :func:`history_state` on each prefix: the scores are shifted by the row's maximum over the whole window
+        instead of the prefix's (the online softmax takes any shift)."""
+        s = self.scores(hist).masked_fill(~mask, float("-inf"))
+        m = s.max(dim=-1).values
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m.unsqueeze(-1))  # 0 at padding
+        z = e.cumsum(-1)[b, t]
+        v = (e.unsqueeze(-1) * hist.float()).cumsum(1)[b, t]
+        return PoolState(m[b], z, v)
 
     def extend(self, st: PoolState, h: torch.Tensor) -> PoolState:
         """Add one token ``h [R, d]`` to every row's pooling (online softmax)."""

@@ -6,8 +6,9 @@ Histories of up to 12 training items in segments of 3: the two ranks' halves of 
 6) hold different numbers of complete segments, so the ranks run global / local passes of different sizes in the
 same step (the dense gradients still reduce over the same parameters). The ``-seq`` runs train sasrec (with and
 without the memory), flatten (one causal pass over a window's SID tokens), tm (block-masked pass over items and
-fed-back codes) and comeir (one encoder + backbone pass per window, the memory head per target, the sharded tables
-read once per step) on all-position windows (``train.sample_mode: sequence``).
+fed-back codes), comeir (one encoder + backbone pass per window, the memory head per target, the sharded tables
+read once per step) and flatten with DECOR composition + BOS (composed per position) on all-position windows
+(``train.sample_mode: sequence``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ JOBS = {"tm": ({"variant": "tm", "pref_memory": PM}, {}),
         "sasrec-plain-seq": ({"variant": "sasrec"}, SEQ),
         "flatten-seq": ({"variant": "flatten"}, SEQ),
         "tm-seq": ({"variant": "tm"}, SEQ),
-        "comeir-seq": ({"variant": "comeir"}, SEQ)}
+        "comeir-seq": ({"variant": "comeir"}, SEQ),
+        "decor-seq": ({"variant": "flatten", "decor": {"compose": True, "bos_queries": 4}}, SEQ)}
 HOSTS = tuple(JOBS)
 
 

@@ -22,7 +22,7 @@ def _auto(tmp_path, variant, **model):
 
 @pytest.mark.parametrize("variant,model,mode", [
     ("flatten", {}, "sequence"), ("sasrec", {}, "sequence"),
-    ("flatten", {"decoding": "nezha"}, "prefix"), ("flatten", {"decor": {"compose": True}}, "prefix"),
+    ("flatten", {"decoding": "nezha"}, "prefix"), ("flatten", {"decor": {"compose": True}}, "sequence"),
     ("tm", {}, "sequence"), ("comeir", {}, "sequence"), ("comeir", {"decoding": "nezha"}, "prefix"),
     ("tm", {"pref_memory": {"enabled": True}}, "prefix")])
 def test_auto_resolves_to_the_mode_the_variant_can_train(tmp_path, variant, model, mode):
