@@ -96,11 +96,11 @@ def deepspeed_config(cfg, per_rank_batch: int, world: int) -> dict:
 def sid_training_loss(model: nn.Module, batch, bf16: bool = False) -> torch.Tensor:
     """The SID models' objective (Eq. 12): teacher-forced level logits (bf16 autocast when training in bf16) and
     the catalog-constrained token cross-entropy (in fp32, outside the autocast); a ``[B, N]`` target is an
-    all-position window (``train.sample_mode: sequence``, flatten: ``flatten_sequence.py``)."""
+    all-position window (``train.sample_mode: sequence``: the model's ``sequence_training_loss``)."""
     from comeir_dist.model.history import HistoryBatch
     from comeir_dist.model.loss import constrained_sid_loss
 
-    if batch.target.dim() == 2:  # train.sample_mode: sequence (flatten): every position of a window
+    if batch.target.dim() == 2:  # train.sample_mode: sequence: every position of a window
         return model.sequence_training_loss(batch, bf16)
     target_codes = model.catalog.item_codes(batch.target)
     with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
