@@ -133,14 +133,15 @@ class TrainConfig(Section):
                                 "batches (then the batches are shuffled), so a batch pads to its own longest history: "
                                 "for long, varied histories (sample_mode sequence, pref_memory archives).")
     sample_mode: Literal["prefix", "sequence", "auto"] = Field(
-        "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next item "
-        "(every variant). 'sequence' (sasrec with or without pref_memory; flatten, tm and comeir with decoding normal "
-        "and no pref_memory) = windows of each training sequence (max_history items, or pref_memory.archive_items "
-        "aligned to segments) with the next item at EVERY position as target (SASRec's own all-position training; Rec2PM's "
-        "L_AR over every segment; for flatten one causal pass over the window's SID tokens scores every item's "
-        "codes; for tm one pass over the item inputs and every position's fed-back codes under a block mask; for "
-        "comeir one encoder + backbone pass per window, the memory head once per target): one sample per window "
-        "instead of one per item, so long histories cost one pass per window, not one per prefix. 'auto' = 'sequence' for the variants that can train on every position (then with "
+        "prefix", description="Training samples. 'prefix' = every prefix of every training sequence with its next "
+        "item (every variant). 'sequence' (sasrec with or without pref_memory; flatten, tm and comeir with decoding "
+        "normal and no pref_memory) = windows of each training sequence (max_history items, or "
+        "pref_memory.archive_items aligned to segments) with the next item at EVERY position as target (SASRec's own "
+        "all-position training; Rec2PM's L_AR over every segment; for flatten one causal pass over the window's SID "
+        "tokens scores every item's codes; for tm one pass over the item inputs and every position's fed-back codes "
+        "under a block mask; for comeir one encoder + backbone pass per window, the memory head once per target): "
+        "one sample per window instead of one per item, so long histories cost one pass per window, not one per "
+        "prefix. 'auto' = 'sequence' for the variants that can train on every position (then with "
         "sequence_batch_size / sequence_warmup_steps), else 'prefix': one config for a whole comparison "
         "(`comeir recipe` writes it).")
     sequence_batch_size: Optional[int] = Field(None, ge=1, description="With sample_mode 'auto': the global batch "
