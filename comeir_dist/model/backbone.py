@@ -124,3 +124,11 @@ def run_backbone(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pas
     out = model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos, past_key_values=past,
                 use_cache=use_cache)
     return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+
+def attention_mask_for(model: nn.Module, mask4: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[B, 1, Q, K]`` bool block mask (True = may attend) as ``model``'s attention takes it: as is for SDPA, an
+    additive float mask (0 / dtype min) for eager attention."""
+    if model.config._attn_implementation == "sdpa":
+        return mask4
+    return torch.zeros(mask4.shape, dtype=dtype, device=mask4.device).masked_fill(~mask4, torch.finfo(dtype).min)

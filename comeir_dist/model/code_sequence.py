@@ -18,8 +18,10 @@ memory head reads no fed-back codes: comeir_sequence.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from comeir_dist.model.backbone import attention_mask_for
+from comeir_dist.model.loss import sid_token_losses
 
 
 def block_structure(items: int, per_item: int, fed: int, device=None) -> torch.Tensor:
@@ -48,9 +50,7 @@ def all_position_states(backbone: nn.Module, x: torch.Tensor, valid: torch.Tenso
     eye = torch.eye(struct.shape[0], dtype=torch.bool, device=x.device)
     mask4 = ((struct.unsqueeze(0) & key_valid.unsqueeze(1)) | eye).unsqueeze(1)  # [B, 1, S, S]
     tokens = torch.cat([x, fed.reshape(b, n * nfed, d)], dim=1)
-    if backbone.config._attn_implementation != "sdpa":  # eager: an additive float mask
-        mask4 = torch.zeros(mask4.shape, dtype=tokens.dtype, device=x.device).masked_fill(
-            ~mask4, torch.finfo(tokens.dtype).min)
+    mask4 = attention_mask_for(backbone, mask4, tokens.dtype)
     pos_in = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
     last = pos_in[:, per_item - 1::per_item]  # [B, N]: position of item j's last input
     pos_fed = last.unsqueeze(-1) + 1 + torch.arange(nfed, device=x.device)  # [B, N, L-1]
@@ -79,9 +79,6 @@ def window_loss(logits: list[torch.Tensor], tgt: torch.Tensor, rows: torch.Tenso
     ``tgt [P, L]`` their codes, ``rows [P]`` their window. Normalised like SASRec's all-position loss: per window the
     SUM over its targets divided by the window width, then the mean over the ``windows`` (1..N ranks compute the same
     loss; a window weighs its targets like the prefix samples they replace)."""
-    ce = logits[0].new_zeros(rows.shape[0], dtype=torch.float32)
-    for level, lg in enumerate(logits):
-        valid = trie.valid_mask(tgt[:, :level], level=level)
-        ce = ce + F.cross_entropy(lg.float().masked_fill(~valid, float("-inf")), tgt[:, level], reduction="none")
+    ce = sid_token_losses(logits, tgt, trie)
     per_window = ce.new_zeros(windows).index_add(0, rows, ce)
     return (per_window / width).mean()

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comeir_dist.errors import UserError
-from comeir_dist.model.backbone import backbone_width, run_backbone
+from comeir_dist.model.backbone import attention_mask_for, backbone_width, run_backbone
 from comeir_dist.model.baselines import GenerativeBaseline
 from comeir_dist.model.comeir import ComeIRModel
 from comeir_dist.model.history import HistoryBatch
@@ -200,8 +200,7 @@ class PreferenceMemory:
         eye = torch.eye(struct.shape[0], dtype=torch.bool, device=x.device)
         mask4 = (struct.unsqueeze(0) & valid.unsqueeze(1)) | eye.unsqueeze(0)  # [B, T, T]
         mask4 = mask4.unsqueeze(1)
-        if self.backbone.config._attn_implementation != "sdpa":  # eager: additive float mask
-            mask4 = torch.zeros(mask4.shape, dtype=x.dtype, device=x.device).masked_fill(~mask4, torch.finfo(x.dtype).min)
+        mask4 = attention_mask_for(self.backbone, mask4, x.dtype)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         h = self.backbone(inputs_embeds=x, attention_mask=mask4, position_ids=pos).last_hidden_state
         return h.reshape(b, k, seg + c, -1)[:, :, seg:]
