@@ -195,6 +195,8 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     lengths = row_lengths(hist) if tc.length_buckets else None
     sampler = EpochSampler(len(target), tc.batch_size, cfg.seed, lengths=lengths, buckets=tc.length_buckets)
     n_dense = sum(p.numel() for p in params)
+    # targets per training row: 1 per prefix sample, a window's real positions in sequence mode (throughput log)
+    row_targets = (target >= 0).sum(axis=1) if target.ndim == 2 else None
 
     def batch_tensors(idx: np.ndarray):
         return torch.as_tensor(hist[idx], device=device), torch.as_tensor(target[idx], device=device)
@@ -302,7 +304,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             if env.is_main:
                 log.info("step %d: Engram tables frozen (engram.sparse_freeze_epochs=%g)", step, freeze_epochs)
         loss_global = all_reduce_sum([local], env)[0] / len(idx)
-        seen += len(idx)
+        seen += len(idx) if row_targets is None else int(row_targets[idx].sum())
         loss_sum, loss_n = loss_sum + loss_global, loss_n + 1
         bar.update(1)
         if step % tc.log_every == 0:
