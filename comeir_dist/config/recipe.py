@@ -19,12 +19,17 @@ histories -- with one stated rule per setting, so a user's first run on their ow
   (``eval_users: null``, the protocol; the experiment table reports the standard error).
 * ``train.sample_mode: auto``: the variants that can train on every position of a window (flatten, tm and comeir
   with normal decoding, sasrec) do, NEZHA decoding trains on prefixes (config.run.resolve_sample_mode).
-  Their batch (``train.sequence_batch_size``) and warm-up (``train.sequence_warmup_steps``) follow the two rules above with
-  windows (``ceil((n - 1) / max_history)`` per user) in place of samples: 64 and 50 on the bundled data, the
-  values of the README's flatten all-position runs. Why: on MovieLens flatten trained on prefixes stayed at the
-  most-popular baseline (0.0207 test NDCG@10) and on every position reached 0.0317 (3 seeds); on the bundled
-  data the two modes are equal (0.0524 vs 0.0530, README). One pass per window instead of one per prefix is
-  also what makes long histories affordable (MovieLens: 2,072 windows instead of 88,444 prefix samples).
+  Their batch (``train.sequence_batch_size``) is the number of windows (``ceil((n - 1) / max_history)`` per user)
+  that carry the targets of one prefix batch on average, and their warm-up (``train.sequence_warmup_steps``) the
+  0.4 epoch rule on those steps: both modes take the same steps per epoch over the same targets per step. 64 and
+  50 on the bundled data (4 targets per window: the values of the README's flatten all-position runs), 6 and 140
+  on MovieLens (43 per window). Round 14 sized windows with the sample rules instead (16 windows, ~680 targets and
+  130 steps per epoch on MovieLens): ComeIR, which peaks within a few epochs, then stayed at the most-popular
+  baseline there (validation <= 0.0254), with 6 windows it reached 0.0300 after 3 epochs (README). Why all
+  positions: on MovieLens flatten trained on prefixes stayed at the most-popular baseline (0.0207 test NDCG@10)
+  and on every position reached 0.0317 (3 seeds); on the bundled data the two modes are equal (0.0524 vs 0.0530,
+  README). One pass per window instead of one per prefix is also what makes long histories affordable
+  (MovieLens: 2,072 windows instead of 88,444 prefix samples).
 * ``train.lr_schedule``: plateau halving (the protocol) when there are at least ``NOISY_VALIDATION_USERS``
   validation users; below that, a constant rate after warm-up, validation every epoch, patience 6 epochs and up
   to 60 epochs. Why: plateau halving reads "no better than the best so far" as "converged", but the standard
@@ -126,6 +131,12 @@ def _batch_size(samples: int) -> int:
     return batch
 
 
+def _sequence_batch_size(batch: int, samples: int, windows: int) -> int:
+    """Windows per step carrying, on average, the targets of one prefix batch (at least 1): both sample modes
+    then take the same optimizer steps per epoch over the same number of targets per step."""
+    return max(1, round(batch * windows / samples))
+
+
 def _warmup_steps(steps_per_epoch: float) -> int:
     """WARMUP_EPOCHS of optimizer steps, rounded to 10, within [10, 1000]."""
     return min(1000, max(10, int(round(WARMUP_EPOCHS * steps_per_epoch / 10.0)) * 10))
@@ -160,11 +171,12 @@ def derive_recipe(profile: DatasetProfile, base: dict, history_cap: int = HISTOR
     windows = profile.windows(hist)
     if windows == 0:
         raise UserError(f"{profile.dataset}/train.parquet: no user has 2 training items (nothing to train on)")
-    seq_batch = _batch_size(windows)
+    seq_batch = _sequence_batch_size(batch, profile.train_samples, windows)
     seq_warmup = _warmup_steps(windows / seq_batch)
     why.append(f"train.sample_mode: auto, train.sequence_batch_size: {seq_batch}, train.sequence_warmup_steps: "
-               f"{seq_warmup} -- the variants with normal decoding train on every position of {windows:,} windows of <= {hist} "
-               f"items ({windows / seq_batch:.0f} steps per epoch, the same two rules), NEZHA on prefixes")
+               f"{seq_warmup} -- the variants with normal decoding train on every position of {windows:,} windows of "
+               f"<= {hist} items ({profile.train_samples / windows:.1f} targets each): {seq_batch} windows carry the "
+               f"{batch} targets of a prefix batch, {windows / seq_batch:.0f} steps per epoch; NEZHA on prefixes")
     schedule, max_epochs = "plateau", cfg["train"].get("max_epochs", 30)
     if profile.valid_users < NOISY_VALIDATION_USERS:
         schedule, every, patience, max_epochs = "constant", 1.0, 6, 60

@@ -67,7 +67,9 @@ def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
                         train_lengths=MOVIELENS_LENGTHS)
     cfg, why = derive_recipe(movielens, BASE)
     t = cfg["train"]
-    assert movielens.windows(50) == 2072 and (t["sequence_batch_size"], t["sequence_warmup_steps"]) == (16, 50)
+    # 2,072 windows of 42.7 targets: 6 windows carry a prefix batch's 256 targets, 345 steps per epoch as on prefixes
+    assert movielens.windows(50) == 2072 and (t["sequence_batch_size"], t["sequence_warmup_steps"]) == (6, 140)
+    assert t["warmup_steps"] == 140
     assert (t["lr_schedule"], t["eval_every_epochs"], t["patience"], t["max_epochs"]) == ("constant", 1.0, 6, 60)
     assert any("610 validation users" in line for line in why)
     edge = derive_recipe(replace(SCIENTIFIC, valid_users=2000), BASE)[0]["train"]
