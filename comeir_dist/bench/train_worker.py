@@ -210,8 +210,8 @@ def annotations(state: PathState):
     tables, lookup = model.tables, model.lookup
     orig_new_pass = lookup.new_pass
 
-    def new_pass():
-        lp = orig_new_pass()
+    def new_pass(fold=None):
+        lp = orig_new_pass(fold)
         lp.add = wrap(lp.add, "bench::engram_keys")
         lp.run = wrap(lp.run, "bench::engram_keys")
         return lp

@@ -220,6 +220,9 @@ class RunConfig(Section):
             raise ValueError(f"train.sample_mode=sequence with {m.variant} needs model.decoding: normal and no "
                              f"model.pref_memory (got decoding {m.decoding}, pref_memory {m.pref_memory.enabled}; "
                              f"train.sample_mode: auto picks prefix for them)")
+        if self.engram.cross_fit and self.model.pref_memory.enabled:
+            raise ValueError("engram.cross_fit: the fold is a hash of the oldest item of the model's input, which "
+                             "model.pref_memory splits into segments; use one of the two")
         if self.model.backbone.max_positions < self.max_history + 1:
             raise ValueError(f"max_history={self.max_history} is longer than the model's positions "
                              f"({self.model.backbone.max_positions})")

@@ -39,6 +39,12 @@ class EngramConfig(Section):
                                "at least this many distinct users' training sequences produce it; other keys read "
                                "the zero vector and train nothing (model/key_support.py). 1 = every key (the paper). "
                                "Rows of one user's keys replay that user's labels after an epoch.")
+    cross_fit: bool = Field(False, description="Extension (not in the paper): two-fold cross-fitted memories. "
+                            "Every history falls in one of two user folds (engram/cross_fit.py); its keys READ the rows "
+                            "of the other fold and its gradients WRITE the rows of its own fold (straight-through), so "
+                            "no sample reads a row its own user's samples trained -- as at test time, where the target "
+                            "transition was never trained. Same tables: a key's two fold rows are two hash slots. "
+                            "False = one row per key (the paper).")
     table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
     sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "

@@ -24,6 +24,7 @@ from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, Keyed
 from comeir_dist.engram.config import EngramConfig
 from comeir_dist.engram.hashing import TableHasher, build_hashers
 from comeir_dist.engram.sizing import TableSpec, table_specs
+from comeir_dist.engram.cross_fit import fold_rows
 
 _DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
@@ -188,9 +189,12 @@ class EngramKeyBatch:
         self._requests.append(_Request([name], [start], tuple(ids.shape)))
         return len(self._requests) - 1
 
-    def add_key(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor) -> int:
+    def add_key(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor,
+                fold: torch.Tensor | None = None) -> int:
         """Hash ``keys [..., o]`` into every head of (memory, level, order) (Eq. 14, 39); the handle's
-        result is the concatenated address ``[..., d_m]`` (exactly zero where ``valid`` is False)."""
+        result is the concatenated address ``[..., d_m]`` (exactly zero where ``valid`` is False).
+        ``fold`` (0/1, broadcastable to ``keys.shape[:-1]``): address each key's row of that fold
+        (``engram.cross_fit``, engram/cross_fit.py); None = the hash slot itself."""
         heads = self.index.heads(memory, level, order)
         if keys.shape[-1] != order:
             raise ValueError(f"keys of order {order} need trailing dim {order}, got {tuple(keys.shape)}")
@@ -202,6 +206,8 @@ class EngramKeyBatch:
         for s in heads:
             ids = self.index.hashers[s.name](keys)
             live = valid if rf is None else valid & _on(rf, s.name, ids.device)[ids]  # filtered: an empty bag
+            if fold is not None:  # after the filter: it judges the key, the fold only picks one of its rows
+                ids = fold_rows(ids, fold.expand(shape), s.rows)
             starts.append(self._push(s.name, ids, live))
             names.append(s.name)
         self._requests.append(_Request(names, starts, shape))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from comeir_dist.engram.config import EngramConfig
+from comeir_dist.engram.cross_fit import history_fold
 from comeir_dist.engram.read import EngramRead
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
@@ -83,7 +84,7 @@ class ComeIRModel(nn.Module):
         codes = self.catalog.item_codes(items)
         mask = items >= 0
         units = history_units(codes, self.levels, self.codebook_size, self.d_max)
-        lp = self.lookup.new_pass()
+        lp = self.lookup.new_pass(history_fold(items) if self.lookup.cross_fit else None)
         handles = self.encoder.request(lp, codes, mask, units)
         extra = extra_requests(lp, units, mask) if extra_requests else None
         lp.run(self.tables)
@@ -107,7 +108,7 @@ class ComeIRModel(nn.Module):
             for l in range(self.levels):
                 prefix = target_codes[:, :l]
                 valid = self.trie.valid_mask(prefix, level=l).unsqueeze(1)
-                reqs.append(self.head.request(lp, l + 1, prefix.unsqueeze(1), valid, units, mask))
+                reqs.append(self.head.request(lp, l + 1, prefix.unsqueeze(1), valid, units, mask, lp.fold))
             return reqs
 
         return requests
@@ -149,9 +150,9 @@ class ComeIRModel(nn.Module):
                                                            self.tokens)
 
         def step(level: int, prefixes: torch.Tensor, parent) -> torch.Tensor:
-            lp = self.lookup.new_pass()
+            lp = self.lookup.new_pass(enc["lp"].fold)
             valid = self.trie.valid_mask(prefixes, level=level)
-            req = self.head.request(lp, level + 1, prefixes, valid, enc["units"], enc["mask"])
+            req = self.head.request(lp, level + 1, prefixes, valid, enc["units"], enc["mask"], lp.fold)
             lp.run(self.tables)
             table = self.tokens.level_table(level)
             if beams is None:

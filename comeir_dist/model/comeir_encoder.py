@@ -66,17 +66,19 @@ class ComeIREncoder(nn.Module):
         return torch.einsum("...l,...ld->...d", alpha, tok)
 
     def request(self, lp: LookupPass, codes: torch.Tensor, mask: torch.Tensor, units: list[torch.Tensor]) -> dict:
-        """Register the encoder's Engram keys; returns handles to read after ``lp.run``."""
+        """Register the encoder's Engram keys; returns handles to read after ``lp.run``. Every key of history row b
+        is in that row's cross-fit fold ``lp.fold[b]`` (engram.cross_fit)."""
         handles = {"intra": {}, "inter": {}}
+        fold = None if lp.fold is None else lp.fold.unsqueeze(1)  # keys are [B, N]
         if "no_e_intra" not in self.ablations:
             for l in range(2, self.levels + 1):
-                handles["intra"][l] = [_add(lp, "intra", l, o, *intra_keys(codes, mask, l, o))
+                handles["intra"][l] = [_add(lp, "intra", l, o, *intra_keys(codes, mask, l, o), fold)
                                        for o in lp.lookup.orders("intra", l)]
         if "no_e_inter" not in self.ablations:
             for l in range(1, self.levels + 1):
                 # Eq. 13/19 at the history start: engram.short_keys (None = drop, else the shortening marker)
                 marker = inter_short_marker(lp.lookup, l, self.codebook_size, self.d_max)
-                handles["inter"][l] = [_add(lp, "inter", l, o, *inter_keys(units[l - 1], mask, o, marker))
+                handles["inter"][l] = [_add(lp, "inter", l, o, *inter_keys(units[l - 1], mask, o, marker), fold)
                                        for o in lp.lookup.orders("inter", l)]
         return handles
 
@@ -115,8 +117,8 @@ class ComeIREncoder(nn.Module):
         return r, s0
 
 
-def _add(lp: LookupPass, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor):
-    return lp.add(memory, level, order, keys, valid), valid
+def _add(lp: LookupPass, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor, fold=None):
+    return lp.add(memory, level, order, keys, valid, fold), valid
 
 
 def read_addresses(lp: LookupPass, handles: list) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -59,7 +59,8 @@ def comeir_sequence_loss(model, batch: HistoryBatch, bf16: bool = False) -> torc
         for level in range(levels):
             prefix = tgt[:, :level]
             valid = model.trie.valid_mask(prefix, level=level).unsqueeze(1)
-            reqs.append(model.head.request(lp, level + 1, prefix.unsqueeze(1), valid, rows_units, rows_mask))
+            fold = None if lp.fold is None else lp.fold.index_select(0, b)  # a target's fold is its window's
+            reqs.append(model.head.request(lp, level + 1, prefix.unsqueeze(1), valid, rows_units, rows_mask, fold))
         return reqs
 
     with torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=bf16):

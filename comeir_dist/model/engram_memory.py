@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from comeir_dist.engram.config import EngramConfig
+from comeir_dist.engram.cross_fit import straight_through
 from comeir_dist.engram.patterns import short_key_marker
 from comeir_dist.engram.sizing import TableSpec, table_specs
 from comeir_dist.engram.tables import EngramIndex, EngramKeyBatch, build_engram_collection
@@ -75,14 +76,16 @@ class EngramLookup:
     def __init__(self, cfg: EngramConfig):
         self.cfg = cfg
         self.short_keys = cfg.short_keys  # Eq. 13/19 rule for inter keys longer than the history (patterns.py)
+        self.cross_fit = cfg.cross_fit  # read the other fold's row, write the own fold's (engram/cross_fit.py)
         self.index = {g: EngramIndex(specs, cfg.hash_seed) for g, specs in grouped_specs(cfg).items()}
 
     def orders(self, memory: str, level: int) -> list[int]:
         g = group_name(memory, level)
         return self.index[g].orders(memory, level) if g in self.index else []
 
-    def new_pass(self) -> "LookupPass":
-        return LookupPass(self)
+    def new_pass(self, fold: torch.Tensor | None = None) -> "LookupPass":
+        """``fold [B]``: the cross-fit fold of each history row of the pass (None without ``engram.cross_fit``)."""
+        return LookupPass(self, fold if self.cross_fit else None)
 
 
 def inter_short_marker(lookup, level: int, codebook_size: int, d_max: int) -> int | None:
@@ -109,18 +112,31 @@ class LookupPass:
     stacking them ([M, O, d_m] copies, several per level) after the table call.
     """
 
-    def __init__(self, lookup: EngramLookup):
+    def __init__(self, lookup: EngramLookup, fold: torch.Tensor | None = None):
         self.lookup = lookup
+        self.fold = fold  # [B] cross-fit fold per history row of the pass; None = no cross-fitting
         self.batches: dict[str, EngramKeyBatch] = {}
-        self.handles: list[tuple[str, int]] = []  # handle -> (group, request index in the group's batch)
+        # handle -> (group, request index of the read, of the write): one request unless cross-fitted with grads
+        self.handles: list[tuple[str, int, int]] = []
         self._out: dict[str, tuple] | None = None  # group -> (KeyedTensor, pooled values, {feature: column})
         self._unpacked: dict[str, list[torch.Tensor]] = {}  # group -> per-request copies (fallback)
 
-    def add(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor) -> int:
+    def add(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor,
+            fold: torch.Tensor | None = None) -> int:
+        """``fold``: the cross-fit fold of each key (broadcastable to ``keys.shape[:-1]``), e.g. ``self.fold`` gathered
+        per key; ignored when the pass is not cross-fitted. A cross-fitted key reads its row of the other fold and,
+        when gradients are on, trains its row of its own fold (engram/cross_fit.py)."""
         g = group_name(memory, level)
         if g not in self.batches:
             self.batches[g] = self.lookup.index[g].new_batch()
-        self.handles.append((g, self.batches[g].add_key(memory, level, order, keys, valid)))
+        batch = self.batches[g]
+        if self.fold is None or fold is None:
+            r = batch.add_key(memory, level, order, keys, valid)
+            self.handles.append((g, r, r))
+        else:
+            r = batch.add_key(memory, level, order, keys, valid, fold=1 - fold)
+            w = batch.add_key(memory, level, order, keys, valid, fold=fold) if torch.is_grad_enabled() else r
+            self.handles.append((g, r, w))
         return len(self.handles) - 1
 
     def run(self, tables: nn.Module) -> None:
@@ -135,30 +151,37 @@ class LookupPass:
             self._out[g] = (kt, values, cols)
 
     def __getitem__(self, handle: int) -> torch.Tensor:
-        view = self._view([handle])
-        if view is not None:
-            return view
-        g, r = self.handles[handle]
-        return self._unpack(g)[r]
+        return self._combined([handle], stack=False)
 
     def stacked(self, handles: list[int]) -> torch.Tensor:
         """Addresses of ``handles`` (same group and key shape, equal widths) stacked: ``[..., O, d_m]``."""
-        view = self._view(handles, stack=True)
+        return self._combined(handles, stack=True)
+
+    def _combined(self, handles: list[int], stack: bool) -> torch.Tensor:
+        entries = [self.handles[h] for h in handles]
+        read = self._requests_result([(g, r) for g, r, _ in entries], stack)
+        if all(r == w for _, r, w in entries):
+            return read
+        return straight_through(read, self._requests_result([(g, w) for g, _, w in entries], stack))
+
+    def _requests_result(self, reqs: list[tuple[str, int]], stack: bool) -> torch.Tensor:
+        view = self._view(reqs, stack=stack)
         if view is not None:
             return view
-        return torch.stack([self[h] for h in handles], dim=-2)
+        parts = [self._unpack(g)[r] for g, r in reqs]
+        return torch.stack(parts, dim=-2) if stack else parts[0]
 
     def _unpack(self, g: str) -> list[torch.Tensor]:
         if g not in self._unpacked:
             self._unpacked[g] = self.batches[g].unpack(self._out[g][0])
         return self._unpacked[g]
 
-    def _view(self, handles: list[int], stack: bool = False) -> torch.Tensor | None:
-        """The handles' heads as one slice of the group's pooled output ``[bags, sum of dims]``, or None
-        when they are not adjacent columns of the same bag rows."""
+    def _view(self, reqs: list[tuple[str, int]], stack: bool = False) -> torch.Tensor | None:
+        """The requests' heads (``(group, request index)``) as one slice of the group's pooled output
+        ``[bags, sum of dims]``, or None when they are not adjacent columns of the same bag rows."""
         if self._out is None:
             raise RuntimeError("LookupPass.run() has not been called")
-        groups = {self.handles[h][0] for h in handles}
+        groups = {g for g, _ in reqs}
         if len(groups) != 1:
             return None
         g = groups.pop()
@@ -166,7 +189,7 @@ class LookupPass:
         if cols is None:
             return None
         # request bookkeeping (feature names and bag offsets per head) lives in the group's EngramKeyBatch
-        reqs = [self.batches[g]._requests[self.handles[h][1]] for h in handles]
+        reqs = [self.batches[g]._requests[r] for _, r in reqs]
         shape, start = reqs[0].shape, reqs[0].starts[0]
         if any(r.shape != shape or any(s != start for s in r.starts) for r in reqs):
             return None

@@ -73,10 +73,13 @@ class MemoryHead(nn.Module):
                 nn.init.normal_(e.weight, std=0.02)
 
     def request(self, lp: LookupPass, level: int, prefixes: torch.Tensor, cand_valid: torch.Tensor,
-                hist_units: list[torch.Tensor], mask: torch.Tensor) -> HeadRequest:
-        """Register Engram keys of the valid candidates of ``prefixes [B, K, level-1]`` (level is 1-based)."""
+                hist_units: list[torch.Tensor], mask: torch.Tensor, row_fold: torch.Tensor | None = None) -> HeadRequest:
+        """Register Engram keys of the valid candidates of ``prefixes [B, K, level-1]`` (level is 1-based).
+        ``row_fold [B]``: the cross-fit fold of each row (engram.cross_fit; None = the pass's own rows' folds are
+        not used)."""
         bsz, nbeam, ncode = cand_valid.shape
         b, k, x = cand_valid.nonzero(as_tuple=True)
+        fold = None if row_fold is None else row_fold.index_select(0, b)  # [M]: every pair in its user's fold
         pre = prefixes.reshape(bsz * nbeam, level - 1).index_select(0, b * nbeam + k)  # [M, level-1]
         intra, inter = [], []
         if self.use_intra and level > 1:
@@ -84,7 +87,7 @@ class MemoryHead(nn.Module):
             ones = torch.ones((), dtype=torch.bool, device=sid.device).expand(sid.shape[0])
             for o in lp.lookup.orders("intra", level):
                 # the order-o key (Eq. 23) is the last o codes of (c^{<l}, x); always valid (None: no masking)
-                intra.append((lp.add("intra", level, o, sid[:, level - o:], ones), None))
+                intra.append((lp.add("intra", level, o, sid[:, level - o:], ones, fold), None))
         if self.use_inter:
             units = candidate_prefix_units(pre, x.unsqueeze(1), self.codebook_size, self.d_max)  # [M, 1]
             hist = hist_units[level - 1]
@@ -96,10 +99,10 @@ class MemoryHead(nn.Module):
                 ctx, ok = inter_candidate_keys(hist, mask, torch.zeros_like(hist[:, :1]), o, marker)
                 keys = torch.cat([ctx[:, 0, : o - 1].index_select(0, b), units], dim=-1)
                 if marker is not None:  # shortened keys are always valid (None: the read skips masking)
-                    inter.append((lp.add("inter", level, o, keys, ok[:, 0].index_select(0, b)), None))
+                    inter.append((lp.add("inter", level, o, keys, ok[:, 0].index_select(0, b), fold), None))
                     continue
                 valid = ok[:, 0].index_select(0, b)
-                inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid), valid))
+                inter.append((lp.add("inter", level, o, keys * valid.unsqueeze(-1), valid, fold), valid))
         return HeadRequest(level, b, k, x, (bsz, nbeam, ncode), intra, inter, prefixes)
 
     def decode_query(self, level: int, zeta: torch.Tensor, s0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

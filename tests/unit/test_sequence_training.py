@@ -97,6 +97,7 @@ def _sid_model(tmp_path, sample_mode="sequence", variant="flatten", **model):
 
     ds = make_tiny_dataset(tmp_path, seq_len=14)
     data = tiny_run_config(ds, tmp_path / "run", variant=variant, sample_mode=sample_mode).model_dump()
+    data["engram"].update(model.pop("engram", {}))
     data["model"].update(model)
     cfg = RunConfig.model_validate(data)
     torch.manual_seed(0)
@@ -109,15 +110,15 @@ COMPOSE = {"compose": True, "alpha": 0.5}
 
 @pytest.mark.parametrize("variant,model", [
     ("flatten", {}), ("tm", {}), ("comeir", {}), ("comeir", {"head_interaction": "dot"}),
-    ("comeir", {"comeir_head": "decoder"}), ("flatten", {"decor": COMPOSE}), ("tm", {"decor": COMPOSE}),
+    ("comeir", {"comeir_head": "decoder"}), ("comeir", {"engram": {"cross_fit": True}}), ("flatten", {"decor": COMPOSE}), ("tm", {"decor": COMPOSE}),
     ("flatten", {"token_fusion": "decor", "decor": {**COMPOSE, "bos_queries": 4}}),
     ("tm", {"decor": {**COMPOSE, "bos_queries": 4, "context_current": False}})])
 def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant, model):
     """One pass over a window scores every target exactly as the prefix sample (window[:i+1], target i) of prefix
     training does (Eq. 12 with the catalog masks of Eq. 11), positions counted from the window's first real token:
     flatten's causal pass over the SID tokens, tm's block-masked pass over items + fed-back codes (code_sequence.py),
-    comeir's window encoder with the head per target (comeir_sequence.py), DECOR's per-position composition and BOS
-    (decor_sequence.py)."""
+    comeir's window encoder with the head per target (comeir_sequence.py; with engram.cross_fit every target keeps
+    its window's fold), DECOR's per-position composition and BOS (decor_sequence.py)."""
     from comeir_dist.parallel.dense import sid_training_loss
 
     model, cfg = _sid_model(tmp_path, variant=variant, **model)
