@@ -92,7 +92,7 @@ def test_bad_plan_is_rejected():
 
 
 _TWO_RANK_WORKER = r'''
-import torch, torch.distributed as dist
+import os, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 from comeir_dist.engram.sizing import TableSpec
 from comeir_dist.engram.tables import EngramIndex, build_engram_collection
@@ -125,7 +125,9 @@ for plan in ["auto", "table_wise", "row_wise", "column_wise"]:
         assert changed == allids[0] | allids[1], (plan, k)
     print("OK", r, plan, {k: v["sharding_type"] for k, v in describe_plan(dmp).items()}, flush=True)
 dist.barrier()
-dist.destroy_process_group()
+# every check has passed on both ranks; leave without C++ teardown: destroying gloo's and the DMPs' threads at
+# exit rarely aborts a rank ("terminate called without an active exception", after all OK lines; seen in CI)
+os._exit(0)
 '''
 
 

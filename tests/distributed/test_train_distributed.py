@@ -15,6 +15,8 @@ Gradient accumulation (table_wise shape, global batch 13 -> micro-batches of 7 a
 
 Groups called one at a time (``parallel.pipeline_lookups: false``): launch 2 sequential_w2 (table_wise).
 
+Cross-fitted memories (``engram.cross_fit``, table_wise): launch 1 xfit_w1, launch 2 xfit_w2.
+
 Tolerances: losses rtol 1e-4 across world sizes (float summation order differs; measured <= 1e-6),
 exact-to-1e-6 on the same world size; tables atol 1e-5; dense weights and moments atol 1e-4 (except
 parameters with numerically zero gradients, see ``_assert_close_dense``).
@@ -48,6 +50,8 @@ def runs(tmp_path_factory):
     acc = [{"ds": ds, "out": str(root / "acc_frozen_k1"), "sharding": tw, "engram": frozen},
            {"ds": ds, "out": str(root / "acc_frozen_k2"), "sharding": tw, "engram": frozen, "train": k2},
            {"ds": ds, "out": str(root / "acc_k2"), "sharding": tw, "train": k2}]
+    xfit = {"cross_fit": True}
+    acc.append({"ds": ds, "out": str(root / "xfit_w1"), "sharding": tw, "engram": xfit})
     run_ranks(1, train_jobs, [{"ds": ds, "out": str(r[s][1]), "sharding": s} for s in SHARDINGS] + acc)
     jobs2 = [{"ds": ds, "out": str(r[s][2]), "sharding": s} for s in SHARDINGS]
     jobs2 += [{"ds": ds, "out": str(root / "resume_1to2"), "sharding": tw, "copy": {"src": str(r[tw][1]), "step": K}},
@@ -58,7 +62,8 @@ def runs(tmp_path_factory):
               {"ds": ds, "out": str(root / "acc_k2_w2"), "sharding": tw, "train": k2},
               {"ds": ds, "out": str(root / "acc_k2_resume"), "sharding": tw, "train": k2,
                "copy": {"src": str(root / "acc_k2_w2"), "step": K}},
-              {"ds": ds, "out": str(root / "sequential_w2"), "sharding": tw, "parallel": {"pipeline_lookups": False}}]
+              {"ds": ds, "out": str(root / "sequential_w2"), "sharding": tw, "parallel": {"pipeline_lookups": False}},
+              {"ds": ds, "out": str(root / "xfit_w2"), "sharding": tw, "engram": xfit}]
     run_ranks(2, train_jobs, jobs2, (record_table_placement, (ds, str(root / "placement.json"))))
     jobs3 = [{"ds": ds, "out": str(root / "resume_2to1"), "sharding": tw, "copy": {"src": str(r[tw][2]), "step": K}},
              {"ds": ds, "out": str(root / "zero3_bf16_to_zero1"), "sharding": tw, "parallel": {"zero_stage": 1},
@@ -253,3 +258,20 @@ def test_pipelined_group_lookups_equal_one_group_at_a_time(runs):
     tp, _ = _full_checkpoint(pip / "checkpoints" / f"step-{2 * K}")
     for k in tp:
         torch.testing.assert_close(ts[k], tp[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_cross_fitted_memories_train_the_same_on_one_and_two_ranks(runs):
+    """engram.cross_fit (reads of the other fold's rows, gradients into the own fold's) through the sharded fused
+    tables on 2 ranks trains the model of 1 rank, and it is a different model from the plain memories'."""
+    root, _, r = runs
+    one, two = root / "xfit_w1", root / "xfit_w2"
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(1, 2 * K + 1))
+    _assert_close_losses(l1, l2, l1)
+    plain = _losses(r["table_wise"][1])
+    assert any(abs(l1[s] - plain[s]) > 1e-4 for s in range(2, 2 * K + 1))
+    t1, d1 = _full_checkpoint(one / "checkpoints" / f"step-{2 * K}")
+    t2, d2 = _full_checkpoint(two / "checkpoints" / f"step-{2 * K}")
+    for k in t1:
+        torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=1e-4, msg=k)
+    _assert_close_dense(d2, d1, LR, 2 * K)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import make_tiny_dataset
-from tests.ray_train_runs import job_config, logged_losses, registered_checkpoints
+from tests.ray_train_runs import EVERY, job_config, logged_losses, registered_checkpoints
 from tests.ray_head import start_head, venv_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +123,10 @@ def test_killed_worker_is_restarted_and_resumes_exactly(submitted, faulted):
     assert sorted(a["rank"] for a in first) == [0, 1] and sorted(a["rank"] for a in resumed) == [0, 1], attempts
     assert killed["pid"] in {a["pid"] for a in first}
     resume_step = int(Path(resumed[0]["resume_from"]).name.split("-")[1])
-    assert f"step-{resume_step:08d}" in killed["registered"] and 0 < resume_step < STEPS, (resume_step, killed)
+    # the survivor may report a later step between our snapshot and the SIGKILL landing (reports are pulled
+    # asynchronously): the resume point is the newest registered checkpoint, never older than the snapshot's
+    at_kill = max(int(name.split("-")[1]) for name in killed["registered"])
+    assert at_kill <= resume_step < STEPS and resume_step % EVERY == 0, (resume_step, killed)
     got, ref = logged_losses(run), dict(logged_losses(ref_run))
     assert [s for s, _ in got] == list(range(1, STEPS + 1)), "a step is missing or repeated in the logged history"
     for step, loss in got:

@@ -56,8 +56,9 @@ class _RecordingPass:
     def __init__(self, cfg: EngramConfig):
         self.lookup = _Lookup(cfg)
         self.calls = []
+        self.fold = None  # not cross-fitted: every key reads and trains its own row
 
-    def add(self, memory, level, order, keys, valid):
+    def add(self, memory, level, order, keys, valid, fold=None):
         valid = valid.bool().expand(keys.shape[:-1])
         ids = [self.lookup.hashers[s.name](keys) * valid for s in self.lookup.specs
                if (s.memory, s.level, s.order) == (memory, level, order)]
