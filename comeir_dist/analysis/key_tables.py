@@ -8,7 +8,10 @@ rows: their content after an epoch is that user's own labels, README "What holds
 
 Reading it: occupancy near 1 means the table is smaller than the keys the data produces (hash collisions merge
 unrelated n-grams: raise ``engram.s_t`` / ``s_s``); a high private share means that level's n-grams are mostly
-user-specific at this data size (memorization rather than shared patterns).
+user-specific at this data size (memorization rather than shared patterns). ``cross-fit unwritten``: with
+``engram.cross_fit`` a user reads the other fold's row of each key; this is the share of (user, row) reads whose
+other-fold row no user of that fold addresses -- a row that stays at its random initialisation (the read's
+LayerNorm turns it into noise). Folds as at test time (engram/cross_fit.py).
 """
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ from pathlib import Path
 
 from comeir_dist.errors import UserError
 
+FOLD_CAP = 32767  # per-fold user counts are summed into read counts: no practical cap (int16 storage)
+
 
 def key_table_report(cfg) -> dict:
     """Per table and per (memory, level, order) group: rows, rows addressed, occupancy, private share."""
     from comeir_dist.model.factory import build_model
+    from comeir_dist.engram.cross_fit import sequence_folds
     from comeir_dist.model.key_support import row_support
     from comeir_dist.train.samples import train_sequences
     from comeir_dist.train.setup import load_inputs
@@ -33,35 +39,46 @@ def key_table_report(cfg) -> dict:
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     seqs = train_sequences(cfg.dataset)
     support = row_support(model, seqs, cap=2)
-    tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0})
+    folds = sequence_folds(seqs, cfg.max_history)
+    by_fold = [row_support(model, [q for q, f in zip(seqs, folds) if f == k], cap=FOLD_CAP) for k in (0, 1)]
+    tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0, "reads": 0,
+                                              "unwritten": 0})
     for idx in model.lookup.index.values():
         for s in idx.specs:
             v = support[s.name]
             addressed, private = int((v > 0).sum()), int((v == 1).sum())
+            a, b = (f[s.name].long() for f in by_fold)
+            reads, unwritten = int(a.sum() + b.sum()), int((a * (b == 0)).sum() + (b * (a == 0)).sum())
             tables.append({"table": s.name, "memory": s.memory, "level": s.level, "order": s.order, "head": s.head,
-                           "rows": s.rows, "dim": s.dim, "addressed": addressed, "private": private})
+                           "rows": s.rows, "dim": s.dim, "addressed": addressed, "private": private,
+                           "cross_fit_reads": reads, "cross_fit_unwritten": unwritten})
             g = groups[(s.memory, s.level, s.order)]
             g["tables"] += 1
             g["rows"] += s.rows
             g["addressed"] += addressed
             g["private"] += private
+            g["reads"] += reads
+            g["unwritten"] += unwritten
     summary = []
     for (memory, level, order), g in sorted(groups.items()):
         summary.append({"memory": memory, "level": level, "order": order, "heads": g["tables"], "rows": g["rows"],
                         "occupancy": g["addressed"] / max(1, g["rows"]),
-                        "private_share": g["private"] / max(1, g["addressed"])})
+                        "private_share": g["private"] / max(1, g["addressed"]),
+                        "cross_fit_unwritten_share": g["unwritten"] / max(1, g["reads"])})
     return {"dataset": cfg.dataset, "users": len(seqs), "engram": cfg.engram.model_dump(mode="json"),
-            "groups": summary, "tables": tables, "wall_time_s": round(time.time() - t0, 2)}
+            "users_per_fold": [folds.count(0), folds.count(1)], "groups": summary, "tables": tables,
+            "wall_time_s": round(time.time() - t0, 2)}
 
 
 def format_key_report(rep: dict) -> str:
     e = rep["engram"]
     lines = [f"Engram key tables of {rep['dataset']} ({rep['users']} users' training sequences; s_S {e['s_s']:g}, "
              f"s_T {e['s_t']:g}, d_m {e['d_m']})", "",
-             "| memory | level | order | heads | rows | occupancy | private share |", "|---|---|---|---|---|---|---|"]
+             "| memory | level | order | heads | rows | occupancy | private share | cross-fit unwritten |",
+             "|---|---|---|---|---|---|---|---|"]
     for g in rep["groups"]:
         lines.append(f"| {g['memory']} | {g['level']} | {g['order']} | {g['heads']} | {g['rows']:,} | "
-                     f"{g['occupancy']:.3f} | {g['private_share']:.3f} |")
+                     f"{g['occupancy']:.3f} | {g['private_share']:.3f} | {g['cross_fit_unwritten_share']:.3f} |")
     return "\n".join(lines)
 
 

@@ -32,6 +32,13 @@ def history_fold(items: torch.Tensor) -> torch.Tensor:
     return ((oldest * _GOLDEN) & 0xFFFFFFFF).bitwise_right_shift(16) & 1
 
 
+def sequence_folds(sequences: list, max_history: int) -> list[int]:
+    """Fold of each user's sequence as the model sees it at test time: :func:`history_fold` of its last
+    ``max_history`` items (its oldest item there). For analysis (``comeir analyze keys``)."""
+    oldest = [int(list(q)[-max_history:][0]) if len(q) else -1 for q in sequences]
+    return history_fold(torch.tensor(oldest, dtype=torch.long).unsqueeze(1)).tolist() if oldest else []
+
+
 def fold_rows(ids: torch.Tensor, fold: torch.Tensor, rows: int) -> torch.Tensor:
     """The fold-``fold`` row of hash slots ``ids`` in a table of ``rows`` rows: fold 0 is the slot itself, fold 1
     the slot shifted by half the table (a permutation: the two rows of a key differ whenever ``rows`` > 1)."""

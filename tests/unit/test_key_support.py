@@ -120,6 +120,20 @@ def test_analyze_keys_cli(tiny, tmp_path):
         v = support[t["table"]]
         assert (t["addressed"], t["private"]) == (int((v > 0).sum()), int((v == 1).sum()))
     assert sum(g["heads"] for g in rep["groups"]) == len(rep["tables"])
+    # cross-fit reads, brute force one user at a time: a user of fold f reads the other fold's row of each key it
+    # addresses; "unwritten" when no user of that other fold addresses the row
+    from comeir_dist.engram.cross_fit import sequence_folds
+
+    folds = sequence_folds(tiny[3], cfg.max_history)
+    assert rep["users_per_fold"] == [folds.count(0), folds.count(1)] and 0 < folds.count(0) < len(folds)
+    per_user = [_rows_of_one_user(_model(tiny), q) for q in tiny[3]]
+    for t in rep["tables"]:
+        written = [set().union(*(u[t["table"]] for u, f in zip(per_user, folds) if f == k)) for k in (0, 1)]
+        reads = sum(len(u[t["table"]]) for u in per_user)
+        unwritten = sum(len(u[t["table"]] - written[1 - f]) for u, f in zip(per_user, folds))
+        assert (t["cross_fit_reads"], t["cross_fit_unwritten"]) == (reads, unwritten), t["table"]
+    assert any(t["cross_fit_unwritten"] > 0 for t in rep["tables"])
+    assert all(0 <= g["cross_fit_unwritten_share"] <= 1 for g in rep["groups"])
     assert all(0 <= g["occupancy"] <= 1 and 0 <= g["private_share"] <= 1 for g in rep["groups"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
