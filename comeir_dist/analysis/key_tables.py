@@ -26,8 +26,8 @@ FOLD_CAP = 32767  # per-fold user counts are summed into read counts: no practic
 
 def key_table_report(cfg) -> dict:
     """Per table and per (memory, level, order) group: rows, rows addressed, occupancy, private share."""
-    from comeir_dist.model.factory import build_model
     from comeir_dist.engram.cross_fit import sequence_folds
+    from comeir_dist.model.factory import build_model
     from comeir_dist.model.key_support import row_support
     from comeir_dist.train.samples import train_sequences
     from comeir_dist.train.setup import load_inputs
@@ -38,16 +38,16 @@ def key_table_report(cfg) -> dict:
     sids, emb = load_inputs(cfg)
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     seqs = train_sequences(cfg.dataset)
-    support = row_support(model, seqs, cap=2)
+    # the folds partition the users, so a row's distinct users are the sum of its two folds' counts
     folds = sequence_folds(seqs, cfg.max_history)
     by_fold = [row_support(model, [q for q, f in zip(seqs, folds) if f == k], cap=FOLD_CAP) for k in (0, 1)]
     tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0, "reads": 0,
                                               "unwritten": 0})
     for idx in model.lookup.index.values():
         for s in idx.specs:
-            v = support[s.name]
-            addressed, private = int((v > 0).sum()), int((v == 1).sum())
             a, b = (f[s.name].long() for f in by_fold)
+            v = a + b
+            addressed, private = int((v > 0).sum()), int((v == 1).sum())
             reads, unwritten = int(a.sum() + b.sum()), int((a * (b == 0)).sum() + (b * (a == 0)).sum())
             tables.append({"table": s.name, "memory": s.memory, "level": s.level, "order": s.order, "head": s.head,
                            "rows": s.rows, "dim": s.dim, "addressed": addressed, "private": private,

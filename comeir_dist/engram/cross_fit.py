@@ -33,8 +33,9 @@ def history_fold(items: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_folds(sequences: list, max_history: int) -> list[int]:
-    """Fold of each user's sequence as the model sees it at test time: :func:`history_fold` of its last
-    ``max_history`` items (its oldest item there). For analysis (``comeir analyze keys``)."""
+    """Fold of each user's sequence as its last training window sees it: :func:`history_fold` of its last
+    ``max_history`` items (the oldest item there; at test time the same for users whose history fits the window).
+    For analysis (``comeir analyze keys``)."""
     oldest = [int(list(q)[-max_history:][0]) if len(q) else -1 for q in sequences]
     return history_fold(torch.tensor(oldest, dtype=torch.long).unsqueeze(1)).tolist() if oldest else []
 
