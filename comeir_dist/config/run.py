@@ -220,6 +220,8 @@ class RunConfig(Section):
             raise ValueError(f"train.sample_mode=sequence with {m.variant} needs model.decoding: normal and no "
                              f"model.pref_memory (got decoding {m.decoding}, pref_memory {m.pref_memory.enabled}; "
                              f"train.sample_mode: auto picks prefix for them)")
+        if self.engram.cross_fit_unwritten != "read" and not self.engram.cross_fit:
+            raise ValueError(f"engram.cross_fit_unwritten={self.engram.cross_fit_unwritten} needs engram.cross_fit: true")
         if self.engram.cross_fit and self.model.pref_memory.enabled:
             raise ValueError("engram.cross_fit: the fold is a hash of the oldest item of the model's input, which "
                              "model.pref_memory splits into segments; use one of the two")

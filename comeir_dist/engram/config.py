@@ -45,6 +45,12 @@ class EngramConfig(Section):
                             "no sample reads a row its own user's samples trained -- as at test time, where the target "
                             "transition was never trained. Same tables: a key's two fold rows are two hash slots. "
                             "False = one row per key (the paper).")
+    cross_fit_unwritten: Literal["read", "empty"] = Field(
+        "read", description="With cross_fit: what a key reads when no training sequence of the OTHER fold produces it, "
+        "i.e. its read row is never trained (only its own fold's users make that key). 'read': the row as initialised "
+        "(small uniform noise, which the read's LayerNorm scales up to a full-size random vector when no order is "
+        "trained); 'empty': the zero vector, like a padded key, and a row no user of its fold produces is not "
+        "trained either (model/key_support.py install_fold_filter). Computed from the training sequences at load.")
     table_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Storage dtype of the sparse tables (lookups return fp32 either way).")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused exact row-wise Adagrad that updates the tables inside backward.")
     sparse_freeze_epochs: Optional[float] = Field(None, gt=0, description="Train the tables for this many epochs, "

@@ -127,6 +127,9 @@ class EngramIndex:
         self.features = [s.name for s in self.specs]
         # table name -> bool [rows]: rows a key may address (model/key_support.py, engram.min_key_users); None = all
         self.row_filter: dict[str, torch.Tensor] | None = None
+        # engram.cross_fit_unwritten: empty -- {table: bool [2, rows]}, slot s of fold k is live iff a fold-k
+        # training sequence produces a key hashing to s (model/key_support.py install_fold_filter)
+        self.fold_filter: dict[str, torch.Tensor] | None = None
         self._heads: dict[tuple[str, int, int], list[TableSpec]] = {}
         for s in self.specs:
             self._heads.setdefault((s.memory, s.level, s.order), []).append(s)
@@ -202,12 +205,15 @@ class EngramKeyBatch:
         valid = valid.bool().expand(shape)
         self._built = None
         names, starts = [], []
-        rf = self.index.row_filter
+        rf, ff = self.index.row_filter, self.index.fold_filter
         for s in heads:
             ids = self.index.hashers[s.name](keys)
             live = valid if rf is None else valid & _on(rf, s.name, ids.device)[ids]  # filtered: an empty bag
             if fold is not None:  # after the filter: it judges the key, the fold only picks one of its rows
-                ids = fold_rows(ids, fold.expand(shape), s.rows)
+                f = fold.expand(shape).long()
+                if ff is not None:  # that fold's row is never trained: an empty bag (cross_fit_unwritten: empty)
+                    live = live & _on(ff, s.name, ids.device)[f, ids]
+                ids = fold_rows(ids, f, s.rows)
             starts.append(self._push(s.name, ids, live))
             names.append(s.name)
         self._requests.append(_Request(names, starts, shape))

@@ -77,3 +77,28 @@ def install_key_filter(model, sequences: list, min_users: int) -> dict[str, floa
         kept = sum(int(idx.row_filter[s.name].sum()) for s in idx.specs)
         live[g] = kept / max(1, touched)
     return live
+
+
+def install_fold_filter(model, sequences: list, max_history: int) -> dict[str, float]:
+    """``engram.cross_fit_unwritten: empty``: a cross-fitted key reads the zero vector when its row in the other
+    fold is never trained, i.e. no training sequence of that fold produces the key (``EngramIndex.fold_filter``).
+
+    A user's fold is that of its last training window (:func:`~comeir_dist.engram.cross_fit.sequence_folds`); a user
+    whose training sequence is longer than ``max_history`` has windows in both folds as the window slides, so its
+    keys count in both (its rows may be trained by either). Like ``min_key_users``, the count covers the n-grams
+    of the sequences, which include every transition the head reads for a training target; a candidate transition
+    no user of a fold made is empty there. Returns, per group, the live share of the (row, fold) pairs the two
+    folds' sequences touch together (for the log)."""
+    from comeir_dist.engram.cross_fit import sequence_folds
+
+    folds = sequence_folds(sequences, max_history)
+    both = [len(q) > max_history for q in sequences]
+    by_fold = [row_support(model, [q for q, f, b in zip(sequences, folds, both) if f == k or b], cap=1)
+               for k in (0, 1)]
+    live = {}
+    for g, idx in model.lookup.index.items():
+        idx.fold_filter = {s.name: torch.stack([by_fold[0][s.name] > 0, by_fold[1][s.name] > 0]) for s in idx.specs}
+        kept = sum(int(idx.fold_filter[s.name].sum()) for s in idx.specs)
+        touched = sum(int(idx.fold_filter[s.name].any(dim=0).sum()) for s in idx.specs)
+        live[g] = kept / max(1, 2 * touched)
+    return live

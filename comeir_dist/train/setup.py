@@ -50,8 +50,7 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
 
     model = build_model(cfg, sids.codes, sids.codebooks, emb, sparse_device="meta")
     if hasattr(model, "tables"):
-        if cfg.engram.min_key_users > 1:  # before sharding: the filter acts on the keys, not on the tables
-            install_training_key_filter(model, cfg)
+        install_training_key_filter(model, cfg)  # before sharding: the filters act on the keys, not on the tables
         shard_engram_tables(model.tables, cfg.engram, device=device, plan=plan, pg=pg, column_shards=column_shards,
                             grad_scale=grad_scale, init_seed=init_seed,
                             pipelined=cfg.parallel.pipeline_lookups)
@@ -62,16 +61,25 @@ def build_sharded_model(cfg: RunConfig, sids, emb, device: torch.device, plan="a
 
 
 def install_training_key_filter(model, cfg: RunConfig) -> None:
-    """``engram.min_key_users``: live Engram rows from the users' training sequences (model/key_support.py)."""
+    """Key filters computed from the users' training sequences (model/key_support.py): ``engram.min_key_users``
+    (live rows) and ``engram.cross_fit_unwritten: empty`` (the rows each cross-fit fold trains)."""
     import time
 
-    from comeir_dist.model.key_support import install_key_filter
+    from comeir_dist.model.key_support import install_fold_filter, install_key_filter
     from comeir_dist.train.samples import train_sequences
 
-    t0 = time.time()
-    live = install_key_filter(model, train_sequences(cfg.dataset), cfg.engram.min_key_users)
-    log.info("engram.min_key_users=%d: live share of the addressed rows per group %s (%.1f s)",
-             cfg.engram.min_key_users, {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
+    e = cfg.engram
+    if e.min_key_users <= 1 and not (e.cross_fit and e.cross_fit_unwritten == "empty"):
+        return
+    t0, seqs = time.time(), train_sequences(cfg.dataset)
+    if e.min_key_users > 1:
+        live = install_key_filter(model, seqs, e.min_key_users)
+        log.info("engram.min_key_users=%d: live share of the addressed rows per group %s (%.1f s)",
+                 e.min_key_users, {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
+    if e.cross_fit and e.cross_fit_unwritten == "empty":
+        live = install_fold_filter(model, seqs, cfg.max_history)
+        log.info("engram.cross_fit_unwritten=empty: trained share of the two fold rows of the addressed keys per "
+                 "group %s (%.1f s)", {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
 
 
 def dense_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

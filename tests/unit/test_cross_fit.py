@@ -132,3 +132,68 @@ def test_cross_fit_with_preference_memory_is_refused(tiny):
     d["model"]["pref_memory"] = {**d["model"]["pref_memory"], "enabled": True}
     with pytest.raises(ValidationError, match="cross_fit"):
         RunConfig.model_validate(d)
+
+
+def test_unwritten_without_cross_fit_is_refused(tiny):
+    from pydantic import ValidationError
+
+    from comeir_dist.config.run import RunConfig
+
+    d = tiny[0].model_dump()
+    d["engram"] = {**d["engram"], "cross_fit": False, "cross_fit_unwritten": "empty"}
+    with pytest.raises(ValidationError, match="cross_fit_unwritten"):
+        RunConfig.model_validate(d)
+
+
+def _train_seqs(tiny):
+    from comeir_dist.train.samples import train_sequences
+
+    return train_sequences(tiny[0].dataset)
+
+
+def test_fold_filter_marks_the_rows_each_folds_sequences_produce(tiny):
+    from comeir_dist.engram.cross_fit import sequence_folds
+    from comeir_dist.model.key_support import install_fold_filter, row_support
+
+    model, max_history = _model(tiny), 4  # the 5-item sequences count in both folds, the 3-item ones in theirs
+    seqs = [q if i % 3 == 0 else q[:3] for i, q in enumerate(_train_seqs(tiny))]
+    folds = sequence_folds(seqs, max_history)
+    live = install_fold_filter(model, seqs, max_history)
+    assert live and all(0.0 < v <= 1.0 for v in live.values())
+    expect = [{n: torch.zeros_like(v, dtype=torch.bool) for n, v in row_support(model, seqs[:1]).items()}
+              for _ in (0, 1)]
+    for q, f in zip(seqs, folds):  # one user at a time: its rows count in its fold, or in both when it is long
+        for name, v in row_support(model, [q]).items():
+            for k in ({0, 1} if len(q) > max_history else {f}):
+                expect[k][name] |= v > 0
+    for idx in model.lookup.index.values():
+        for s in idx.specs:
+            assert torch.equal(idx.fold_filter[s.name][0], expect[0][s.name]), s.name
+            assert torch.equal(idx.fold_filter[s.name][1], expect[1][s.name]), s.name
+    assert any(bool((idx.fold_filter[s.name][0] != idx.fold_filter[s.name][1]).any())
+               for idx in model.lookup.index.values() for s in idx.specs)
+
+
+def test_unwritten_rows_read_empty_and_untrained_rows_get_no_gradient(tiny):
+    from comeir_dist.model.key_support import install_fold_filter
+
+    model = _model(tiny)
+    install_fold_filter(model, _train_seqs(tiny), tiny[0].max_history)
+    idx = model.lookup.index["inter_l1"]
+    spec = idx.heads("inter", 1, 1)[0]
+    keys = torch.arange(64).reshape(-1, 1) % 64
+    fold = torch.arange(64) % 2
+    lp = model.lookup.new_pass(fold)
+    h = lp.add("inter", 1, 1, keys, torch.ones(64, dtype=torch.bool), fold)
+    lp.run(model.tables)
+    addr = lp[h][:, : spec.dim]
+    w, ff = _table(model, spec.name), idx.fold_filter[spec.name]
+    slot = idx.hashers[spec.name](keys).flatten()
+    read_live, write_live = ff[1 - fold, slot], ff[fold, slot]
+    assert bool(read_live.any()) and not bool(read_live.all())  # both cases occur
+    read_rows = fold_rows(slot, 1 - fold, spec.rows)
+    torch.testing.assert_close(addr[read_live], w[read_rows[read_live]].detach())
+    assert not addr[~read_live].any()  # never-trained rows read the zero vector
+    addr.sum().backward()
+    touched = set(torch.nonzero(w.grad.abs().sum(1)).flatten().tolist())
+    assert touched == set(fold_rows(slot, fold, spec.rows)[write_live].tolist())

@@ -74,15 +74,19 @@ def test_min_key_users_one_installs_nothing(tiny):
     assert all(idx.row_filter is None for idx in model.lookup.index.values())
 
 
-def test_trained_run_evaluates_the_same_after_reload(tmp_path):
-    """The filter is recomputed on load (nothing stored): the best checkpoint re-evaluated on the validation users
+@pytest.mark.parametrize("setting", ["min_key_users", "cross_fit_unwritten"])
+def test_trained_run_evaluates_the_same_after_reload(tmp_path, setting):
+    """The filters are recomputed on load (nothing stored): the best checkpoint re-evaluated on the validation users
     gives exactly the validation NDCG the training loop recorded for it."""
     from comeir_dist.eval.run_eval import run_evaluate
     from comeir_dist.train.loop import train
 
     ds = make_tiny_dataset(tmp_path, n_users=16, n_items=30, seq_len=7)
     cfg = tiny_run_config(ds, tmp_path / "run", max_steps=6, eval_every=3, eval_users=None, batch_size=16)
-    cfg.engram.min_key_users = 2
+    if setting == "cross_fit_unwritten":
+        cfg.engram.cross_fit, cfg.engram.cross_fit_unwritten = True, "empty"
+    else:
+        cfg.engram.min_key_users = 2
     run = train(cfg)
     summary = json.loads((run / "summary.json").read_text())
     rep = run_evaluate(str(run / "best"), "valid", str(tmp_path / "valid.json"))
@@ -91,6 +95,9 @@ def test_trained_run_evaluates_the_same_after_reload(tmp_path):
 
     model = load_model_from_checkpoint(run / "best")[0]  # the loader installed the same filter again
     support = row_support(model, [np.asarray(s) for s in read_split(ds, "train").column("items").to_pylist()])
+    if setting == "cross_fit_unwritten":
+        assert all(idx.fold_filter is not None and idx.row_filter is None for idx in model.lookup.index.values())
+        return
     for idx in model.lookup.index.values():
         assert idx.row_filter is not None
         for s in idx.specs:
