@@ -28,7 +28,7 @@ def key_table_report(cfg) -> dict:
     """Per table and per (memory, level, order) group: rows, rows addressed, occupancy, private share."""
     from comeir_dist.engram.cross_fit import sequence_folds
     from comeir_dist.model.factory import build_model
-    from comeir_dist.model.key_support import row_support
+    from comeir_dist.model.key_support import fold_row_support
     from comeir_dist.train.samples import train_sequences
     from comeir_dist.train.setup import load_inputs
 
@@ -40,7 +40,7 @@ def key_table_report(cfg) -> dict:
     seqs = train_sequences(cfg.dataset)
     # the folds partition the users, so a row's distinct users are the sum of its two folds' counts
     folds = sequence_folds(seqs, cfg.max_history)
-    by_fold = [row_support(model, [q for q, f in zip(seqs, folds) if f == k], cap=FOLD_CAP) for k in (0, 1)]
+    by_fold = fold_row_support(model, seqs, cfg.max_history, cap=FOLD_CAP)
     tables, groups = [], defaultdict(lambda: {"tables": 0, "rows": 0, "addressed": 0, "private": 0, "reads": 0,
                                               "unwritten": 0})
     for idx in model.lookup.index.values():

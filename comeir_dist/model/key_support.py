@@ -63,6 +63,18 @@ def _count(model, sequences: list, support: dict, batch_users: int, cap: int) ->
                 support[name][r] = (support[name][r].int() + c).clamp(max=cap).to(torch.int16)
 
 
+def fold_row_support(model, sequences: list, max_history: int, cap: int,
+                     long_in_both: bool = False) -> list[dict[str, torch.Tensor]]:
+    """:func:`row_support` of each cross-fit fold's users (fold 0, fold 1), a user in the fold of its last window
+    (:func:`~comeir_dist.engram.cross_fit.sequence_folds`, as at test time). ``long_in_both``: a user whose sequence
+    is longer than ``max_history`` counts in both folds (its training windows fall in either as they slide)."""
+    from comeir_dist.engram.cross_fit import sequence_folds
+
+    folds = sequence_folds(sequences, max_history)
+    return [row_support(model, [q for q, f in zip(sequences, folds)
+                                if f == k or (long_in_both and len(q) > max_history)], cap=cap) for k in (0, 1)]
+
+
 def install_key_filter(model, sequences: list, min_users: int) -> dict[str, float]:
     """Compute the support of ``model``'s Engram rows from ``sequences`` and make every key whose row has fewer
     than ``min_users`` users an empty bag (``EngramIndex.row_filter``). Returns the live fraction of the rows
@@ -89,12 +101,7 @@ def install_fold_filter(model, sequences: list, max_history: int) -> dict[str, f
     of the sequences, which include every transition the head reads for a training target; a candidate transition
     no user of a fold made is empty there. Returns, per group, the live share of the (row, fold) pairs the two
     folds' sequences touch together (for the log)."""
-    from comeir_dist.engram.cross_fit import sequence_folds
-
-    folds = sequence_folds(sequences, max_history)
-    both = [len(q) > max_history for q in sequences]
-    by_fold = [row_support(model, [q for q, f, b in zip(sequences, folds, both) if f == k or b], cap=1)
-               for k in (0, 1)]
+    by_fold = fold_row_support(model, sequences, max_history, cap=1, long_in_both=True)
     live = {}
     for g, idx in model.lookup.index.items():
         idx.fold_filter = {s.name: torch.stack([by_fold[0][s.name] > 0, by_fold[1][s.name] > 0]) for s in idx.specs}

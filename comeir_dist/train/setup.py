@@ -68,15 +68,15 @@ def install_training_key_filter(model, cfg: RunConfig) -> None:
     from comeir_dist.model.key_support import install_fold_filter, install_key_filter
     from comeir_dist.train.samples import train_sequences
 
-    e = cfg.engram
-    if e.min_key_users <= 1 and not (e.cross_fit and e.cross_fit_unwritten == "empty"):
+    e = cfg.engram  # the config refuses cross_fit_unwritten: empty without cross_fit
+    if e.min_key_users <= 1 and e.cross_fit_unwritten != "empty":
         return
     t0, seqs = time.time(), train_sequences(cfg.dataset)
     if e.min_key_users > 1:
         live = install_key_filter(model, seqs, e.min_key_users)
         log.info("engram.min_key_users=%d: live share of the addressed rows per group %s (%.1f s)",
                  e.min_key_users, {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
-    if e.cross_fit and e.cross_fit_unwritten == "empty":
+    if e.cross_fit_unwritten == "empty":
         live = install_fold_filter(model, seqs, cfg.max_history)
         log.info("engram.cross_fit_unwritten=empty: trained share of the two fold rows of the addressed keys per "
                  "group %s (%.1f s)", {g: round(v, 3) for g, v in live.items()}, time.time() - t0)
