@@ -153,6 +153,11 @@ class TrainConfig(Section):
     eval_every: int = Field(500, ge=1, description="Validation NDCG@10 every N steps.")
     eval_users: Optional[int] = Field(2000, ge=1, description="Validation users per check (None = all).")
     patience: int = Field(4, ge=1, description="Early stopping after this many validations without improvement.")
+    min_delta: float = Field(0.0, ge=0, description="A validation counts as an improvement (resets patience; the "
+                             "'plateau' schedule keeps its rate) only when its NDCG@10 beats the value of the last "
+                             "improvement by more than this. The best checkpoint is still the highest value seen.")
+    min_lr_scale: Optional[float] = Field(None, gt=0, lt=1, description="With lr_schedule 'plateau': stop once the "
+                                          "learning-rate scale has fallen below this (None = never).")
     log_every: int = Field(50, ge=1)
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
     save_best: bool = Field(True, description="Write best/ (dense + FULL tables assembled on rank 0) at each new best "
@@ -169,6 +174,9 @@ class TrainConfig(Section):
             if size is not None and size < self.grad_accum_steps:
                 raise ValueError(f"train.{name}={size} is smaller than train.grad_accum_steps="
                                  f"{self.grad_accum_steps} (each micro-batch needs a sample)")
+        if self.min_lr_scale is not None and self.lr_schedule != "plateau":
+            raise ValueError(f"train.min_lr_scale={self.min_lr_scale} needs train.lr_schedule: plateau "
+                             f"(got {self.lr_schedule}; only that schedule lowers the rate)")
         return self
 
 

@@ -49,6 +49,7 @@ from comeir_dist.train.schedule import lr_factor, resolve_budget  # noqa: F401  
 from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduce_sum, broadcast_object,
                                             init_distributed)
 from comeir_dist.train import checkpoint as ckpt
+from comeir_dist.train import early_stop
 from comeir_dist.train import train_log
 from comeir_dist.train.checkpoint_simple import save_checkpoint
 from comeir_dist.train.archive_samples import run_split_samples, run_training_samples
@@ -330,20 +331,18 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
                 train_log.append(log_path, {"step": step, "valid": m})
                 log.info("step %d valid item/ndcg@10 %.4f hit@10 %.4f (best %.4f)", step, ndcg, m["item/hit@10"],
                          loop["best"])
-            improved = ndcg > loop["best"]
-            if dense.plateau.after_validation(improved):  # 'plateau' schedule: cool dense AND sparse rates
+            decision = early_stop.decide(loop, ndcg, tc.min_delta)
+            if dense.plateau.after_validation(decision.improved):  # 'plateau' schedule: cool dense AND sparse rates
                 loop["lr_scale"] = dense.plateau.scale
                 set_sparse_lr(model, sparse_rate(step))
                 if env.is_main:
                     log.info("step %d: no improvement, learning rates scaled to %.3gx", step, dense.plateau.scale)
-            if improved:
-                loop.update(best=ndcg, best_step=step, best_elapsed_s=elapsed(), bad=0)
+            if decision.new_best:
+                loop.update(best=ndcg, best_step=step, best_elapsed_s=elapsed())
                 if tc.save_best:
                     save_best(m)
-            else:
-                loop["bad"] += 1
-                if loop["bad"] >= tc.patience:
-                    loop["stop_reason"] = "early_stopping"
+            loop["bad"] = 0 if decision.improved else loop["bad"] + 1
+            loop["stop_reason"] = early_stop.stop_reason(loop, tc.patience, dense.plateau.scale, tc.min_lr_scale)
         if out_of_time and loop.get("stop_reason") is None:
             loop["stop_reason"] = "max_minutes"
         if checkpoints and ((pc.checkpoint_every and step % pc.checkpoint_every == 0) or (pc.checkpoint_at_eval and validated)
