@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Iterator, Optional
 
+from comeir_dist.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +45,21 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
-    else:
-        extra = {"dashboard_host": "127.0.0.1", "dashboard_port": _free_port()} if dashboard else {}
-        log.info("starting a local Ray instance (no ray.address / RAY_ADDRESS given)")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, **extra,
-                 configure_logging=False)
+    try:
+        if address and address != "local":
+            ray.init(address=address, log_to_driver=True)
+        else:
+            extra = {"dashboard_host": "127.0.0.1", "dashboard_port": _free_port()} if dashboard else {}
+            log.info("starting a local Ray instance (no ray.address / RAY_ADDRESS given)")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, **extra,
+                     configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+        ray.shutdown()  # stop whatever part of a local instance did start
+        where = f"connect to the Ray cluster at {address}" if address and address != "local" else \
+            "start a local Ray instance"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not {where}: {first} (a machine busy with other work can time out Ray's "
+                        f"startup: retry when it is idle, or pass a running cluster's address)") from exc
     try:
         yield
     finally:

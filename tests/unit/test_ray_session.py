@@ -11,6 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from comeir_dist.errors import UserError  # noqa: E402
 from comeir_dist.orchestration import ray_session as rs  # noqa: E402
 
 STALE = "127.0.0.1:9"  # the discard port: nothing answers there
@@ -89,3 +90,24 @@ def test_an_initialised_ray_is_reused(monkeypatch):
     with rs.ray_session():
         pass
     assert seen == []
+
+
+@pytest.mark.parametrize("address, where", [(None, "start a local Ray instance"),
+                                            ("127.0.0.1:9", "connect to the Ray cluster at 127.0.0.1:9")])
+def test_a_failed_ray_start_is_one_line_and_shuts_down(monkeypatch, address, where):
+    calls = []
+
+    def failing_init(**kwargs):
+        calls.append("init")
+        raise Exception("The current node timed out during startup.\nmore detail")  # what Ray raises
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    with pytest.raises(UserError) as err:
+        with rs.ray_session(address, 1):
+            pytest.fail("the body must not run")
+    msg = str(err.value)
+    assert msg.startswith(f"could not {where}: The current node timed out during startup.") and "\n" not in msg
+    assert calls == ["init", "shutdown"]
