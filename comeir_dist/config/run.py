@@ -65,12 +65,6 @@ class ModelConfig(Section):
         "(MM scoring, Engram reads, memory-conditioned merge) with the Normal-GR decoder of tm / flatten -- the "
         "generated codes are fed back through the backbone and one output layer per level scores every code; the "
         "head's memory reads (no_d_intra / no_d_inter), head_interaction and head_memory_grad do not apply.")
-    comeir_item_base: Literal["pool", "pool_concat"] = Field(
-        "pool", description="ComeIR's memory-free item vector s^0, the base of its input (queries of every Engram "
-        "read and of the merge). 'pool' = the paper's Eq. 4, the MM-scored convex combination of the item's L token "
-        "embeddings. 'pool_concat' (extension, not in the paper) adds tm's merge W_cat[e_{c^1}; ...; e_{c^L}], which "
-        "keeps which code sits at which level: a weighted sum of the L tokens cannot tell items apart whose codes "
-        "differ only in order or weight, so without the memories it carries less of the item than tm's input does.")
     head_memory_grad: bool = Field(True, description="False (extension): the memory-restoring head reads the "
                                    "Engram tables without writing them; only the encoder's reads train the rows.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "

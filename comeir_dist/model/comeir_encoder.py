@@ -7,7 +7,6 @@
     r_n = LN(s^L)
 Ablations: no_mm_scoring (mean pooling), no_memory_merge (one linear layer over [s^0; u_1..u_L]),
 no_e_intra / no_e_inter (the corresponding eta is 0 and its tables are not read by the encoder).
-Extension ``model.comeir_item_base: pool_concat``: s^0_n = (Eq. 4) + W_cat[e_{c^1}; ...; e_{c^L}] (tm's item merge).
 """
 from __future__ import annotations
 
@@ -40,14 +39,12 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 class ComeIREncoder(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, d_mm: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int, item_base: str = "pool"):
+                 ablations: set[str], d_max: int):
         super().__init__()
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads  # shared with the head: R^S_l / R^T_l per level
         self.ablations = ablations
         self.w_mm = nn.Linear(d_mm, d)  # W_mm (Eq. 4)
-        # model.comeir_item_base 'pool_concat' (extension): + W_cat[e_{c^1}; ...; e_{c^L}], tm's item merge
-        self.w_cat = nn.Linear(levels * d, d) if item_base == "pool_concat" else None
         self.intra_adapters = nn.ModuleDict({str(l): nn.Linear((l - 1) * d, d) for l in range(2, levels + 1)})
         self.wq_p = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^P_{Q,l} (Eq. 21)
         self.wk_p = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^P_{K,l}
@@ -61,15 +58,12 @@ class ComeIREncoder(nn.Module):
         self.out_ln = nn.LayerNorm(d)
 
     def item_context(self, tok: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
-        """s^0 (Eq. 4) from token embeddings ``[..., L, d]`` and cached item embeddings ``[..., d_mm]``
-        (plus tm's concat merge with ``item_base='pool_concat'``)."""
+        """s^0 (Eq. 4) from token embeddings ``[..., L, d]`` and cached item embeddings ``[..., d_mm]``."""
         if "no_mm_scoring" in self.ablations:
-            pooled = tok.mean(dim=-2)
-        else:
-            q = self.w_mm(mm)
-            alpha = torch.softmax(torch.einsum("...d,...ld->...l", q, tok) / math.sqrt(self.d), dim=-1)
-            pooled = torch.einsum("...l,...ld->...d", alpha, tok)
-        return pooled if self.w_cat is None else pooled + self.w_cat(tok.flatten(-2))
+            return tok.mean(dim=-2)
+        q = self.w_mm(mm)
+        alpha = torch.softmax(torch.einsum("...d,...ld->...l", q, tok) / math.sqrt(self.d), dim=-1)
+        return torch.einsum("...l,...ld->...d", alpha, tok)
 
     def request(self, lp: LookupPass, codes: torch.Tensor, mask: torch.Tensor, units: list[torch.Tensor]) -> dict:
         """Register the encoder's Engram keys; returns handles to read after ``lp.run``. Every key of history row b

@@ -40,7 +40,7 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
                             memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
                             decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor,
-                            head=m.comeir_head, item_base=m.comeir_item_base)
+                            head=m.comeir_head)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
                                    nezha_delta=m.nezha_delta, window=m.window, fusion=m.token_fusion, decor=m.decor)

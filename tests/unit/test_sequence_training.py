@@ -110,8 +110,7 @@ COMPOSE = {"compose": True, "alpha": 0.5}
 
 @pytest.mark.parametrize("variant,model", [
     ("flatten", {}), ("tm", {}), ("comeir", {}), ("comeir", {"head_interaction": "dot"}),
-    ("comeir", {"comeir_head": "decoder"}), ("comeir", {"engram": {"cross_fit": True}}),
-    ("comeir", {"comeir_item_base": "pool_concat"}), ("flatten", {"decor": COMPOSE}), ("tm", {"decor": COMPOSE}),
+    ("comeir", {"comeir_head": "decoder"}), ("comeir", {"engram": {"cross_fit": True}}), ("flatten", {"decor": COMPOSE}), ("tm", {"decor": COMPOSE}),
     ("flatten", {"token_fusion": "decor", "decor": {**COMPOSE, "bos_queries": 4}}),
     ("tm", {"decor": {**COMPOSE, "bos_queries": 4, "context_current": False}})])
 def test_sid_sequence_loss_equals_the_prefix_losses(tmp_path, variant, model):
