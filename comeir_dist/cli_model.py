@@ -95,7 +95,8 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
                    help="override any config key (YAML value), e.g. --set engram.s_t=8; repeatable")
     p.add_argument("--arms", help="comma-separated named settings, each its own label (train/experiment.py ARMS), "
                    "e.g. decor-base,decor-comp,decor-comp-bos,decor-pre,decor-pre-comp,decor-full; applied after "
-                   "--set; --variants then defaults to flatten")
+                   "--set; --variants then defaults to flatten (comeir for the comeir-* arms: comeir-dot, comeir-dot-xfit, "
+                   "comeir-decoder-noeng, comeir-dot-xfit-noeng)")
 
     @command("train")
     def _train(args) -> int:
@@ -130,12 +131,12 @@ def add_model_commands(sub: "argparse._SubParsersAction") -> None:
     @command("experiment")
     def _experiment(args) -> int:
         from comeir_dist.config.run import VARIANTS
-        from comeir_dist.train.experiment import run_experiment
-
-        from comeir_dist.train.experiment import POPULAR
+        from comeir_dist.train.experiment import POPULAR, arm_variant, run_experiment
 
         arms = [a.strip() for a in (args.arms or "").split(",") if a.strip()] or None
-        default = "flatten" if arms else "popular,flatten,tm,comeir"
+        default = "popular,flatten,tm,comeir"
+        if arms:  # ComeIR arms run ComeIR, the others (DECOR's) flatten
+            default = "comeir" if all(arm_variant(a) == "comeir" for a in arms) else "flatten"
         variants = [v.strip() for v in (args.variants or default).split(",") if v.strip()]
         allowed = (*VARIANTS, POPULAR)
         bad = [v for v in variants if v not in allowed]

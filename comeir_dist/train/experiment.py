@@ -54,6 +54,20 @@ ARMS: dict[str, dict] = {
     "decor-concat": _decor_arm("concat"),  # ComeIR Eq. 2: W_E [e^B; e^T]
 }
 
+# ComeIR settings measured under the fair protocol (issue 11, README "ComeIR vs the paper's baselines"). Each is
+# exactly what the README's `--set` / `--ablations` command for that row sets, so a run under the arm has the same
+# config hash and reuses (or adds seeds to) the committed result files of that row.
+_NO_ENCODER_MEMORY = ["no_e_intra", "no_e_inter"]  # the encoder's Engram reads (Eq. 6, 18-21 into Eq. 7) off
+COMEIR_ARMS: dict[str, dict] = {
+    "comeir-dot": {"model.head_interaction": "dot"},  # Eq. 10 + a direct h_u-e_x term (extension)
+    "comeir-dot-xfit": {"model.head_interaction": "dot", "engram.cross_fit": True},  # + cross-fitted memories
+    "comeir-decoder-noeng": {"model.comeir_head": "decoder", "model.ablations": _NO_ENCODER_MEMORY},
+    # ComeIR's head (dot extension) reading cross-fitted memories; the encoder reads none (round 20)
+    "comeir-dot-xfit-noeng": {"model.head_interaction": "dot", "engram.cross_fit": True,
+                              "model.ablations": _NO_ENCODER_MEMORY},
+}
+ARMS.update(COMEIR_ARMS)
+
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
     node = data
@@ -68,7 +82,12 @@ def arm_overrides(cfg: RunConfig, arm: str) -> dict:
     if arm not in ARMS:
         raise UserError(f"--arms: unknown arm {arm!r}; allowed values: {', '.join(ARMS)}")
     bos = cfg.model.decor.bos_queries or DECOR_BOS_QUERIES
-    return {k: (bos if v == ARM_BOS else v) for k, v in ARMS[arm].items()}
+    return {k: (bos if v == ARM_BOS else (list(v) if isinstance(v, list) else v)) for k, v in ARMS[arm].items()}
+
+
+def arm_variant(arm: str) -> str | None:
+    """The only variant ``arm`` applies to (``comeir`` for the ComeIR arms), or None (any)."""
+    return "comeir" if arm in COMEIR_ARMS else None
 
 
 def arm_config(cfg: RunConfig, arm: str) -> RunConfig:
@@ -359,6 +378,10 @@ def _settings(cfg: RunConfig, variants: list[str], label: str | None, arms: list
     trained = [v for v in variants if v != POPULAR]
     for arm in dict.fromkeys(arms):
         acfg = arm_config(cfg, arm)
+        only = arm_variant(arm)
+        if only is not None and any(v != only for v in trained):
+            raise UserError(f"--arms {arm}: a {only} setting; run it with --variants {only} (got "
+                            f"{','.join(trained)})")
         out += [(arm if len(trained) == 1 else f"{arm}-{v}", v, acfg, arm) for v in trained]
     return out
 
