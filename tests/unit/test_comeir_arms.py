@@ -10,7 +10,6 @@ from comeir_dist.train.experiment import COMEIR_ARMS, _run_config, arm_config, c
 from tests.fixtures import make_tiny_dataset, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "docs" / "results" / "scientific_fair"
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +17,24 @@ def tiny(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
-def _experiment_config():
+def _config(path: Path):
     from comeir_dist.config.base import load_yaml, parse_section
     from comeir_dist.config.run import RunConfig
 
-    return parse_section(RunConfig, load_yaml(REPO / "configs" / "experiment_cpu.yaml"), source="experiment_cpu.yaml")
+    return parse_section(RunConfig, load_yaml(path), source=str(path))
 
 
-@pytest.mark.parametrize("arm", sorted(COMEIR_ARMS))
-def test_every_comeir_arm_reproduces_its_committed_results(arm):
-    files = sorted(RESULTS.glob(f"{arm}-seed[0-9]*.json"))
-    assert files, f"no committed result for arm {arm}"
-    cfg = arm_config(_experiment_config(), arm)
+# (arm, committed results, the config those runs used): the bundled data's fair protocol, and MovieLens' recipe
+CASES = [(arm, REPO / "docs/results/scientific_fair", REPO / "configs/experiment_cpu.yaml") for arm in sorted(COMEIR_ARMS)]
+CASES.append(("comeir-decoder-noeng", REPO / "docs/results/movielens_recipe",
+              REPO / "docs/results/movielens_recipe/recipe_movielens_r15.yaml"))
+
+
+@pytest.mark.parametrize("arm,results,config", CASES, ids=[f"{a}-{r.name}" for a, r, _ in CASES])
+def test_every_comeir_arm_reproduces_its_committed_results(arm, results, config):
+    files = sorted(results.glob(f"{arm}-seed[0-9]*.json"))
+    assert files, f"no committed result for arm {arm} in {results}"
+    cfg = arm_config(_config(config), arm)
     for f in files:
         row = json.loads(f.read_text())
         run_cfg = _run_config(cfg, "comeir", row["seed"], Path(cfg.out) / f"{arm}-seed{row['seed']}")
