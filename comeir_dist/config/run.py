@@ -67,6 +67,13 @@ class ModelConfig(Section):
         "head's memory reads (no_d_intra / no_d_inter), head_interaction and head_memory_grad do not apply.")
     head_memory_grad: bool = Field(True, description="False (extension): the memory-restoring head reads the "
                                    "Engram tables without writing them; only the encoder's reads train the rows.")
+    encoder_memory_grad: bool = Field(True, description="False (extension): the encoder reads the Engram tables "
+                                      "without writing them; only the memory-restoring head's reads train the rows, "
+                                      "which the encoder then uses as input evidence (the mirror of head_memory_grad).")
+    merge_gate_bias: float = Field(0.0, description="Initial b_l of the memory-conditioned merge gate omega (Eq. 7). "
+                                   "0 = omega starts near 0.5; a negative value (extension) starts the encoder's memory "
+                                   "reads nearly closed (-4: omega ~0.02), so the item vector is s^0 until training "
+                                   "opens the gate.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
                                   "(encoder and head) during training; regularises the hashed memories.")
     decoding: Literal["normal", "nezha"] = Field(
@@ -102,6 +109,9 @@ class ModelConfig(Section):
                 raise ValueError(f"comeir_head=decoder applies to model.variant comeir with decoding normal, "
                                  f"head_interaction none, head_memory_grad true, no no_d_* ablation and no "
                                  f"pref_memory; conflicting: {', '.join(bad)}")
+        if not self.encoder_memory_grad and (self.comeir_head != "memory" or not self.head_memory_grad):
+            raise ValueError("model.encoder_memory_grad=false leaves the memory-restoring head as the only writer of "
+                             "the Engram tables: it needs model.comeir_head memory and model.head_memory_grad true")
         return self
 
 
@@ -230,6 +240,9 @@ class RunConfig(Section):
                              f"train.sample_mode: auto picks prefix for them)")
         if self.engram.cross_fit_unwritten != "read" and not self.engram.cross_fit:
             raise ValueError(f"engram.cross_fit_unwritten={self.engram.cross_fit_unwritten} needs engram.cross_fit: true")
+        if self.engram.cross_fit_unwritten != "read" and set(self.engram.cross_fit_memories) != {"intra", "inter"}:
+            raise ValueError("engram.cross_fit_unwritten=empty filters the fold rows of both memories; it needs "
+                             "engram.cross_fit_memories: [intra, inter]")
         if self.engram.cross_fit and self.model.pref_memory.enabled:
             raise ValueError("engram.cross_fit: the fold is a hash of the oldest item of the model's input, which "
                              "model.pref_memory splits into segments; use one of the two")

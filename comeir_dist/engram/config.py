@@ -45,6 +45,12 @@ class EngramConfig(Section):
                             "no sample reads a row its own user's samples trained -- as at test time, where the target "
                             "transition was never trained. Same tables: a key's two fold rows are two hash slots. "
                             "False = one row per key (the paper).")
+    cross_fit_memories: list[Literal["intra", "inter"]] = Field(
+        default_factory=lambda: ["intra", "inter"], description="With cross_fit: the memories whose keys are "
+        "cross-fitted; the others keep one row per key, trained and read by every user. 'inter' alone (extension): an "
+        "inter key holds a transition (history suffix -> next code), whose row would replay a training label, while an "
+        "intra key is a prefix of one catalogue item (the encoder's keys are the history items themselves), which no "
+        "label reaches, so its row may learn from all users. Default both (every run before this option).")
     cross_fit_unwritten: Literal["read", "empty"] = Field(
         "read", description="With cross_fit: what a key reads when no training sequence of the OTHER fold produces it, "
         "i.e. its read row is never trained (only its own fold's users make that key). 'read': the row as initialised "
@@ -79,6 +85,8 @@ class EngramConfig(Section):
             raise ValueError("d_max must be <= 2**62 (int64 hashing)")
         if self.h_max > 2**62:
             raise ValueError("h_max must be <= 2**62")
+        if not self.cross_fit_memories or len(set(self.cross_fit_memories)) != len(self.cross_fit_memories):
+            raise ValueError(f"cross_fit_memories={self.cross_fit_memories}: name intra and/or inter once each")
         if self.short_keys == "shorten" and self.d_max >= 2**62:
             raise ValueError("short_keys='shorten' needs d_max < 2**62 (its marker is the unit domain bound D_l)")
         return self

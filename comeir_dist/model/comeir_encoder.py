@@ -7,6 +7,8 @@
     r_n = LN(s^L)
 Ablations: no_mm_scoring (mean pooling), no_memory_merge (one linear layer over [s^0; u_1..u_L]),
 no_e_intra / no_e_inter (the corresponding eta is 0 and its tables are not read by the encoder).
+Extensions: model.encoder_memory_grad false (the encoder's reads do not write the rows), model.merge_gate_bias
+(initial b_l of the Eq. 7 gate).
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 class ComeIREncoder(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, d_mm: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int):
+                 ablations: set[str], d_max: int, memory_grad: bool = True, gate_bias: float = 0.0):
         super().__init__()
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads  # shared with the head: R^S_l / R^T_l per level
         self.ablations = ablations
+        self.memory_grad = memory_grad  # model.encoder_memory_grad: False = read the rows, never write them
         self.w_mm = nn.Linear(d_mm, d)  # W_mm (Eq. 4)
         self.intra_adapters = nn.ModuleDict({str(l): nn.Linear((l - 1) * d, d) for l in range(2, levels + 1)})
         self.wq_p = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^P_{Q,l} (Eq. 21)
@@ -54,7 +57,7 @@ class ComeIREncoder(nn.Module):
             self.wq_m = nn.Linear(d, d, bias=False)  # W^M_Q
             self.wk_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{K,l}
             self.wv_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{V,l}
-            self.b_m = nn.Parameter(torch.zeros(levels))
+            self.b_m = nn.Parameter(torch.full((levels,), float(gate_bias)))  # model.merge_gate_bias
         self.out_ln = nn.LayerNorm(d)
 
     def item_context(self, tok: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
@@ -84,6 +87,8 @@ class ComeIREncoder(nn.Module):
 
     def _read(self, lp: LookupPass, memory: str, level: int, handles: list, query: torch.Tensor) -> torch.Tensor:
         addr, valid = read_addresses(lp, handles)
+        if not self.memory_grad:
+            addr = addr.detach()
         return self.reads[f"{memory}{level}"](query, addr, valid)
 
     def forward(self, tok: torch.Tensor, mm: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor,

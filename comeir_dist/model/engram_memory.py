@@ -77,6 +77,7 @@ class EngramLookup:
         self.cfg = cfg
         self.short_keys = cfg.short_keys  # Eq. 13/19 rule for inter keys longer than the history (patterns.py)
         self.cross_fit = cfg.cross_fit  # read the other fold's row, write the own fold's (engram/cross_fit.py)
+        self.cross_fit_memories = frozenset(cfg.cross_fit_memories)  # the memories whose keys are cross-fitted
         self.index = {g: EngramIndex(specs, cfg.hash_seed) for g, specs in grouped_specs(cfg).items()}
 
     def orders(self, memory: str, level: int) -> list[int]:
@@ -124,13 +125,13 @@ class LookupPass:
     def add(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor,
             fold: torch.Tensor | None = None) -> int:
         """``fold``: the cross-fit fold of each key (broadcastable to ``keys.shape[:-1]``), e.g. ``self.fold`` gathered
-        per key; ignored when the pass is not cross-fitted. A cross-fitted key reads its row of the other fold and,
+        per key; ignored when the pass is not cross-fitted or ``memory`` is not in ``engram.cross_fit_memories``. A cross-fitted key reads its row of the other fold and,
         when gradients are on, trains its row of its own fold (engram/cross_fit.py)."""
         g = group_name(memory, level)
         if g not in self.batches:
             self.batches[g] = self.lookup.index[g].new_batch()
         batch = self.batches[g]
-        if self.fold is None or fold is None:
+        if self.fold is None or fold is None or memory not in self.lookup.cross_fit_memories:
             r = batch.add_key(memory, level, order, keys, valid)
             self.handles.append((g, r, r))
         else:
