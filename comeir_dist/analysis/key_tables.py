@@ -11,7 +11,8 @@ unrelated n-grams: raise ``engram.s_t`` / ``s_s``); a high private share means t
 user-specific at this data size (memorization rather than shared patterns). ``cross-fit unwritten``: with
 ``engram.cross_fit`` a user reads the other fold's row of each key; this is the share of (user, row) reads whose
 other-fold row no user of that fold addresses -- a row that stays at its random initialisation (the read's
-LayerNorm turns it into noise). Folds as at test time (engram/cross_fit.py).
+LayerNorm turns it into noise). Folds as at test time (engram/cross_fit.py). Without ``engram.cross_fit`` the column
+says what cross-fitting would leave unwritten; with it, a memory left out of ``engram.cross_fit_memories`` shows 0.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def key_table_report(cfg) -> dict:
             v = a + b
             addressed, private = int((v > 0).sum()), int((v == 1).sum())
             reads, unwritten = int(a.sum() + b.sum()), int((a * (b == 0)).sum() + (b * (a == 0)).sum())
+            if cfg.engram.cross_fit and s.memory not in cfg.engram.cross_fit_memories:
+                unwritten = 0  # engram.cross_fit_memories: this memory keeps one row per key, read by all users
             tables.append({"table": s.name, "memory": s.memory, "level": s.level, "order": s.order, "head": s.head,
                            "rows": s.rows, "dim": s.dim, "addressed": addressed, "private": private,
                            "cross_fit_reads": reads, "cross_fit_unwritten": unwritten})

@@ -142,6 +142,16 @@ def test_analyze_keys_cli(tiny, tmp_path):
     assert any(t["cross_fit_unwritten"] > 0 for t in rep["tables"])
     assert all(0 <= g["cross_fit_unwritten_share"] <= 1 for g in rep["groups"])
     assert all(0 <= g["occupancy"] <= 1 and 0 <= g["private_share"] <= 1 for g in rep["groups"])
+    # engram.cross_fit_memories: [inter] -- intra keys keep one row per key, so none of their reads is unwritten
+    out2 = tmp_path / "keys_inter.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["analyze", "keys", "--config", str(path), "--out", str(out2), "--set", "engram.cross_fit=true",
+                         "--set", "engram.cross_fit_memories=[inter]"]) == 0
+    rep2 = {t["table"]: t for t in json.loads(out2.read_text())["tables"]}
+    for t in rep["tables"]:
+        want = 0 if t["memory"] == "intra" else t["cross_fit_unwritten"]
+        assert rep2[t["table"]]["cross_fit_unwritten"] == want, t["table"]
+    assert any(t["memory"] == "intra" and t["cross_fit_unwritten"] > 0 for t in rep["tables"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert cli.main(["analyze", "keys", "--config", str(path), "--set", "model.variant=tm"]) != 0
