@@ -70,6 +70,10 @@ class ModelConfig(Section):
     encoder_memory_grad: bool = Field(True, description="False (extension): the encoder reads the Engram tables "
                                       "without writing them; only the memory-restoring head's reads train the rows, "
                                       "which the encoder then uses as input evidence (the mirror of head_memory_grad).")
+    merge_value_init: Literal["default", "zero"] = Field(
+        "default", description="Initial W^M_{V,l} of the memory-conditioned merge (Eq. 7). 'default' = PyTorch's Linear "
+        "init (the paper gives none); 'zero' (extension, ReZero-style) = the merge adds nothing at the start, so "
+        "r = LN(s^0) until W_V learns; the memory rows get gradient only as W_V grows.")
     merge_gate_bias: float = Field(0.0, description="Initial b_l of the memory-conditioned merge gate omega (Eq. 7). "
                                    "0 = omega starts near 0.5; a negative value (extension) starts the encoder's memory "
                                    "reads nearly closed (-4: omega ~0.02), so the item vector is s^0 until training "

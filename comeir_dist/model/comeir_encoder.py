@@ -8,7 +8,7 @@
 Ablations: no_mm_scoring (mean pooling), no_memory_merge (one linear layer over [s^0; u_1..u_L]),
 no_e_intra / no_e_inter (the corresponding eta is 0 and its tables are not read by the encoder).
 Extensions: model.encoder_memory_grad false (the encoder's reads do not write the rows), model.merge_gate_bias
-(initial b_l of the Eq. 7 gate).
+(initial b_l of the Eq. 7 gate), model.merge_value_init zero (W^M_{V,l} starts at 0).
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 class ComeIREncoder(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, d_mm: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int, memory_grad: bool = True, gate_bias: float = 0.0):
+                 ablations: set[str], d_max: int, memory_grad: bool = True, gate_bias: float = 0.0,
+                 value_init: str = "default"):
         super().__init__()
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads  # shared with the head: R^S_l / R^T_l per level
@@ -58,6 +59,9 @@ class ComeIREncoder(nn.Module):
             self.wk_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{K,l}
             self.wv_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{V,l}
             self.b_m = nn.Parameter(torch.full((levels,), float(gate_bias)))  # model.merge_gate_bias
+            if value_init == "zero":  # model.merge_value_init: the merge starts as the identity on s^0
+                for w in self.wv_m:
+                    nn.init.zeros_(w.weight)
         self.out_ln = nn.LayerNorm(d)
 
     def item_context(self, tok: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:

@@ -522,7 +522,8 @@ def build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device="cpu"
                                 m.window, set(m.ablations), sparse_device=sparse_device,
                                 head_interaction=m.head_interaction, memory_dropout=m.memory_dropout,
                                 head_memory_grad=m.head_memory_grad, fusion=m.token_fusion, decor=m.decor,
-                                encoder_memory_grad=m.encoder_memory_grad, merge_gate_bias=m.merge_gate_bias)
+                                encoder_memory_grad=m.encoder_memory_grad, merge_gate_bias=m.merge_gate_bias,
+                                merge_value_init=m.merge_value_init)
     model = PrefMemoryTM(catalog, cb, build_backbone(m.backbone), m.token_dim, m.pref_memory, window=m.window,
                          fusion=m.token_fusion)
     model.trie = trie

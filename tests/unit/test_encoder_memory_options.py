@@ -154,3 +154,18 @@ def test_merge_gate_bias_sets_the_initial_gate(tiny):
         # a closed gate (omega ~ e^-30) leaves r = LN(s^0): the memories do not reach the item vector
         torch.testing.assert_close(enc["r"], s0_only, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(open_.encoder_pass(batch.items)["r"], s0_only, atol=1e-3)
+
+
+def test_merge_value_init_zero_starts_as_ln_of_s0_and_learns_w_v(tiny):
+    batch = _batch(tiny)
+    model = _model(tiny, model__merge_value_init="zero")
+    assert all(not w.weight.any() for w in model.encoder.wv_m)
+    enc = model.encoder_pass(batch.items)
+    s0_only = model.encoder.out_ln(enc["s0"]) * enc["mask"].unsqueeze(-1)
+    torch.testing.assert_close(enc["r"], s0_only)
+    enc["r"].pow(3).sum().backward()
+    assert any(w.weight.grad is not None and w.weight.grad.any() for w in model.encoder.wv_m)
+    d = tiny[0].model_dump()
+    d["model"] = {**d["model"], "merge_value_init": "small"}
+    with pytest.raises(ValidationError, match="merge_value_init"):
+        RunConfig.model_validate(d)
