@@ -129,3 +129,12 @@ def assert_overfits(model, batch, steps=150, lr=1e-2, beam_size=5, check_every=1
         if ranks_every_target_first(model, batch, beam_size):
             return done
     raise AssertionError(f"not every target ranked first after {steps} steps, final loss {loss.item():.4f}")
+
+
+def engram_table_weight(model, name: str):
+    """The weight of the Engram table ``name`` of an unsharded ComeIR ``model`` (its EBCs)."""
+    for ebc in model.tables.collections().values():
+        for t, cfg in zip(ebc.embedding_bags.values(), ebc.embedding_bag_configs()):
+            if cfg.name == name:
+                return t.weight
+    raise KeyError(name)

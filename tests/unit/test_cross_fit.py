@@ -10,7 +10,8 @@ from comeir_dist.model.factory import build_model
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.train.samples import pad_left, training_samples
 from comeir_dist.train.setup import load_inputs
-from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
+from tests.fixtures import (assert_decode_matches_teacher_forcing, engram_table_weight, make_tiny_dataset,
+                            tiny_run_config)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +59,6 @@ def test_straight_through_forwards_read_and_trains_write():
     torch.testing.assert_close(write.grad, torch.arange(4.0).expand(3, 4))
 
 
-def _table(model, name):
-    for ebc in model.tables.collections().values():
-        for t, cfg in zip(ebc.embedding_bags.values(), ebc.embedding_bag_configs()):
-            if cfg.name == name:
-                return t.weight
-    raise KeyError(name)
-
-
 def test_a_key_reads_the_other_folds_row_and_trains_its_own(tiny):
     model = _model(tiny)
     idx = model.lookup.index["inter_l1"]
@@ -76,7 +69,7 @@ def test_a_key_reads_the_other_folds_row_and_trains_its_own(tiny):
     h = lp.add("inter", 1, 1, keys, torch.ones(6, dtype=torch.bool), fold)
     lp.run(model.tables)
     addr = lp[h]  # [6, d_m]: the K_T heads side by side
-    w = _table(model, spec.name)
+    w = engram_table_weight(model, spec.name)
     slot = idx.hashers[spec.name](keys)
     read_rows, write_rows = fold_rows(slot, 1 - fold, spec.rows), fold_rows(slot, fold, spec.rows)
     torch.testing.assert_close(addr[:, : spec.dim], w[read_rows].detach())
@@ -187,7 +180,7 @@ def test_unwritten_rows_read_empty_and_untrained_rows_get_no_gradient(tiny):
     h = lp.add("inter", 1, 1, keys, torch.ones(64, dtype=torch.bool), fold)
     lp.run(model.tables)
     addr = lp[h][:, : spec.dim]
-    w, ff = _table(model, spec.name), idx.fold_filter[spec.name]
+    w, ff = engram_table_weight(model, spec.name), idx.fold_filter[spec.name]
     slot = idx.hashers[spec.name](keys).flatten()
     read_live, write_live = ff[1 - fold, slot], ff[fold, slot]
     assert bool(read_live.any()) and not bool(read_live.all())  # both cases occur

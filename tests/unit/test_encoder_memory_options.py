@@ -13,7 +13,8 @@ from comeir_dist.model.factory import build_model
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.train.samples import training_samples
 from comeir_dist.train.setup import load_inputs
-from tests.fixtures import assert_decode_matches_teacher_forcing, make_tiny_dataset, tiny_run_config
+from tests.fixtures import (assert_decode_matches_teacher_forcing, engram_table_weight, make_tiny_dataset,
+                            tiny_run_config)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,6 @@ def _touched_rows(model) -> dict[str, set[int]]:
     return out
 
 
-def _weight(model, name):
-    for ebc in model.tables.collections().values():
-        for t, cfg in zip(ebc.embedding_bags.values(), ebc.embedding_bag_configs()):
-            if cfg.name == name:
-                return t.weight
-    raise KeyError(name)
-
-
 def test_cross_fit_memories_inter_keeps_one_intra_row_per_key(tiny):
     model = _model(tiny, engram__cross_fit=True, engram__cross_fit_memories=["inter"])
     fold = torch.tensor([0, 0, 1, 1])
@@ -72,13 +65,13 @@ def test_cross_fit_memories_inter_keeps_one_intra_row_per_key(tiny):
     idx = model.lookup.index["intra_l2"]
     spec = idx.heads("intra", 2, 1)[0]
     slot = idx.hashers[spec.name](keys)
-    torch.testing.assert_close(lp[h_intra][:, : spec.dim], _weight(model, spec.name)[slot.flatten()].detach())
+    torch.testing.assert_close(lp[h_intra][:, : spec.dim], engram_table_weight(model, spec.name)[slot.flatten()].detach())
     lp[h_intra].sum().backward()
     assert _touched_rows(model)[spec.name] == set(slot.flatten().tolist())  # the same rows, whatever the fold
     inter_spec = model.lookup.index["inter_l1"].heads("inter", 1, 1)[0]
     inter_slot = model.lookup.index["inter_l1"].hashers[inter_spec.name](keys)
     torch.testing.assert_close(lp[h_inter][:, : inter_spec.dim],
-                               _weight(model, inter_spec.name)[fold_rows(inter_slot, 1 - fold, inter_spec.rows)
+                               engram_table_weight(model, inter_spec.name)[fold_rows(inter_slot, 1 - fold, inter_spec.rows)
                                                                .flatten()].detach())
 
 
