@@ -16,6 +16,9 @@ users both answered, with the paired standard error (:mod:`comeir_dist.analysis.
 ``comeir analyze keys --config FILE [--dataset DIR] [--set KEY=VALUE ...] [--out FILE.json]``: occupancy and
 private-row share of every Engram table on the dataset's training sequences; see
 :mod:`comeir_dist.analysis.key_tables`.
+
+``comeir analyze merge --checkpoint RUN/best [--split test] [--users 2048] [--out FILE.json]``: the Eq. 7 merge gate
+and the encoder's memory term against s^0, per level; see :mod:`comeir_dist.analysis.merge_gate`.
 """
 from __future__ import annotations
 
@@ -161,6 +164,25 @@ def run_keys_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_merge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a ComeIR run's best/ checkpoint")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="histories to read (default test)")
+    p.add_argument("--users", type=int, default=2048, help="first N histories of the split (default 2048; 0 = all)")
+    p.add_argument("--dataset", help="prepared dataset dir (default: the checkpoint's)")
+    p.add_argument("--out", help="also write FILE.json")
+
+
+def run_merge_cli(args: argparse.Namespace) -> int:
+    from comeir_dist.analysis.merge_gate import format_merge_stats, run_merge_stats
+    from comeir_dist.errors import UserError
+
+    if args.users < 0:
+        raise UserError(f"--users: {args.users}; must be >= 0 (0 = all)")
+    rows = run_merge_stats(args.checkpoint, args.split, args.users or None, args.dataset, args.out)
+    print(format_merge_stats(rows, f"memory-conditioned merge (Eq. 7) of {args.checkpoint} on {args.split}"))
+    return 0
+
+
 def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     from comeir_dist.cli import command
 
@@ -179,6 +201,9 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("keys", help="how the training sequences fill the Engram tables: occupancy and the share "
                         "of rows only one user addresses, per (memory, level, order)")
     add_keys_flags(q)
+    q = asub.add_parser("merge", help="how open ComeIR's merge gate (Eq. 7) is on real histories and how large the "
+                        "encoder's memory term is against s^0, per level, from a trained checkpoint")
+    add_merge_flags(q)
 
     @command("analyze")
     def _analyze(args) -> int:
@@ -190,4 +215,6 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
             return run_paired_cli(args)
         if args.analyze_cmd == "keys":
             return run_keys_cli(args)
+        if args.analyze_cmd == "merge":
+            return run_merge_cli(args)
         raise AssertionError(args.analyze_cmd)

@@ -74,6 +74,10 @@ class ModelConfig(Section):
         "default", description="Initial W^M_{V,l} of the memory-conditioned merge (Eq. 7). 'default' = PyTorch's Linear "
         "init (the paper gives none); 'zero' (extension, ReZero-style) = the merge adds nothing at the start, so "
         "r = LN(s^0) until W_V learns; the memory rows get gradient only as W_V grows.")
+    merge_input_norm: bool = Field(False, description="True (extension): the merge (Eq. 7) starts from LN(s^0) "
+                                   "instead of s^0. The scored token mix has a norm near 1 while the memory reads leave "
+                                   "a LayerNorm at full size; trained with the paper's merge, the memory term is 30-90x "
+                                   "larger than s^0 (`comeir analyze merge`), so the item vector is almost all memory.")
     merge_gate_bias: float = Field(0.0, description="Initial b_l of the memory-conditioned merge gate omega (Eq. 7). "
                                    "0 = omega starts near 0.5; a negative value (extension) starts the encoder's memory "
                                    "reads nearly closed (-4: omega ~0.02), so the item vector is s^0 until training "

@@ -49,7 +49,8 @@ class ComeIRModel(nn.Module):
                  head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True,
                  decoding: str = "normal", nezha_delta: str = "code", fusion: str = "concat",
                  decor: DecorConfig | None = None, head: str = "memory", encoder_memory_grad: bool = True,
-                 merge_gate_bias: float = 0.0, merge_value_init: str = "default"):
+                 merge_gate_bias: float = 0.0, merge_value_init: str = "default",
+                 merge_input_norm: bool = False):
         super().__init__()
         if decor is not None and decor.compose:
             raise UserError("model.decor.compose applies to flatten / tm with model.decoding: normal (the variants "
@@ -69,7 +70,8 @@ class ComeIRModel(nn.Module):
         self.reads = reads
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
                                      ablations, ecfg.d_max, memory_grad=encoder_memory_grad,
-                                     gate_bias=merge_gate_bias, value_init=merge_value_init)
+                                     gate_bias=merge_gate_bias, value_init=merge_value_init,
+                                     input_norm=merge_input_norm)
         if head == "decoder":  # extension (ModelConfig refuses it with nezha): the Normal-GR decoder of tm / flatten
             self.head = None
             self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))

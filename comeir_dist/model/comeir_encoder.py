@@ -8,7 +8,8 @@
 Ablations: no_mm_scoring (mean pooling), no_memory_merge (one linear layer over [s^0; u_1..u_L]),
 no_e_intra / no_e_inter (the corresponding eta is 0 and its tables are not read by the encoder).
 Extensions: model.encoder_memory_grad false (the encoder's reads do not write the rows), model.merge_gate_bias
-(initial b_l of the Eq. 7 gate), model.merge_value_init zero (W^M_{V,l} starts at 0).
+(initial b_l of the Eq. 7 gate), model.merge_value_init zero (W^M_{V,l} starts at 0), model.merge_input_norm (the merge starts from
+LN(s^0), the scale of the memory reads).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 class ComeIREncoder(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, d_mm: int, window: int, reads: nn.ModuleDict,
                  ablations: set[str], d_max: int, memory_grad: bool = True, gate_bias: float = 0.0,
-                 value_init: str = "default"):
+                 value_init: str = "default", input_norm: bool = False):
         super().__init__()
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads  # shared with the head: R^S_l / R^T_l per level
@@ -59,6 +60,7 @@ class ComeIREncoder(nn.Module):
             self.wk_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{K,l}
             self.wv_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{V,l}
             self.b_m = nn.Parameter(torch.full((levels,), float(gate_bias)))  # model.merge_gate_bias
+            self.merge_in_ln = nn.LayerNorm(d) if input_norm else None  # model.merge_input_norm
             if value_init == "zero":  # model.merge_value_init: the merge starts as the identity on s^0
                 for w in self.wv_m:
                     nn.init.zeros_(w.weight)
@@ -118,7 +120,7 @@ class ComeIREncoder(nn.Module):
         if "no_memory_merge" in self.ablations:
             s = self.linear_merge(torch.cat([s0, *us], dim=-1))
         else:
-            s = s0
+            s = s0 if self.merge_in_ln is None else self.merge_in_ln(s0)
             for l, u in enumerate(us):
                 omega = torch.sigmoid((self.wq_m(s) * self.wk_m[l](u)).sum(-1, keepdim=True) + self.b_m[l])
                 s = s + omega * self.wv_m[l](u)

@@ -41,7 +41,8 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
                             memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
                             decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor,
                             head=m.comeir_head, encoder_memory_grad=m.encoder_memory_grad,
-                            merge_gate_bias=m.merge_gate_bias, merge_value_init=m.merge_value_init)
+                            merge_gate_bias=m.merge_gate_bias, merge_value_init=m.merge_value_init,
+                            merge_input_norm=m.merge_input_norm)
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
                                    nezha_delta=m.nezha_delta, window=m.window, fusion=m.token_fusion, decor=m.decor)

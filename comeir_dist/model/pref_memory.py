@@ -523,7 +523,7 @@ def build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device="cpu"
                                 head_interaction=m.head_interaction, memory_dropout=m.memory_dropout,
                                 head_memory_grad=m.head_memory_grad, fusion=m.token_fusion, decor=m.decor,
                                 encoder_memory_grad=m.encoder_memory_grad, merge_gate_bias=m.merge_gate_bias,
-                                merge_value_init=m.merge_value_init)
+                                merge_value_init=m.merge_value_init, merge_input_norm=m.merge_input_norm)
     model = PrefMemoryTM(catalog, cb, build_backbone(m.backbone), m.token_dim, m.pref_memory, window=m.window,
                          fusion=m.token_fusion)
     model.trie = trie

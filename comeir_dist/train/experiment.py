@@ -65,6 +65,8 @@ COMEIR_ARMS: dict[str, dict] = {
     # ComeIR's head (dot extension) reading cross-fitted memories; the encoder reads none (round 20)
     "comeir-dot-xfit-noeng": {"model.head_interaction": "dot", "engram.cross_fit": True,
                               "model.ablations": _NO_ENCODER_MEMORY},
+    # the full model (both encoder memories) with the Eq. 7 merge gate starting nearly closed (round 22)
+    "comeir-dot-xfit-gate4": {"model.head_interaction": "dot", "engram.cross_fit": True, "model.merge_gate_bias": -4.0},
 }
 ARMS.update(COMEIR_ARMS)
 

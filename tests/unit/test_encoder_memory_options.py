@@ -162,3 +162,29 @@ def test_merge_value_init_zero_starts_as_ln_of_s0_and_learns_w_v(tiny):
     d["model"] = {**d["model"], "merge_value_init": "small"}
     with pytest.raises(ValidationError, match="merge_value_init"):
         RunConfig.model_validate(d)
+
+
+def test_merge_input_norm_starts_the_merge_from_ln_of_s0(tiny):
+    batch = _batch(tiny)
+    model = _model(tiny, model__merge_input_norm=True, model__merge_gate_bias=-30.0)
+    with torch.no_grad():
+        enc = model.encoder_pass(batch.items)
+        ln = model.encoder.merge_in_ln(enc["s0"])
+        # closed gate: r = LN_out(LN_in(s^0)); with the paper's merge (no input norm) r = LN_out(s^0)
+        torch.testing.assert_close(enc["r"], model.encoder.out_ln(ln) * enc["mask"].unsqueeze(-1), atol=1e-5, rtol=1e-5)
+    assert _model(tiny).encoder.merge_in_ln is None
+
+
+def test_analyze_merge_reports_gate_and_memory_scale(tiny):
+    from comeir_dist.analysis.merge_gate import format_merge_stats, merge_gate_stats
+
+    batch = _batch(tiny)
+    rows = merge_gate_stats(_model(tiny).eval(), batch.items, batch_size=5)
+    closed = merge_gate_stats(_model(tiny, model__merge_gate_bias=-30.0).eval(), batch.items)
+    real = int((batch.items >= 0).sum())
+    assert [r["level"] for r in rows] == [1, 2, 3] and all(r["positions"] == real for r in rows)
+    assert all(0 < r["omega_mean"] < 1 and r["memory_to_s0_median"] > 0 for r in rows)
+    assert all(r["omega_mean"] < 1e-9 and r["memory_to_s0_median"] < 1e-9 for r in closed)
+    assert "| 3 |" in format_merge_stats(rows, "t")
+    with pytest.raises(Exception, match="memory-conditioned merge"):
+        merge_gate_stats(_model(tiny, model__ablations=["no_memory_merge"]), batch.items)

@@ -1,0 +1,94 @@
+"""`comeir analyze merge`: how much of ComeIR's item vector comes from the encoder's Engram memories.
+
+The memory-conditioned merge (Eq. 7) adds, per level l, ``omega_l * W_V,l u_l`` to the scored token mix s^0, with
+``omega_l = sigma((W_Q s^{l-1})^T (W_K,l u_l) + b_l)`` and ``u_l = [eta^S_l; eta^T_l]`` the encoder's memory reads.
+A run whose gate starts nearly closed (``model.merge_gate_bias``) may keep it closed: this reads a trained checkpoint
+on real histories and reports, per level, the gate's distribution and the size of the memory term against s^0
+(L2 norms per history position, real positions only). Forward hooks on the merge's projections; nothing is changed.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from comeir_dist.errors import UserError
+
+
+def merge_gate_stats(model, items: torch.Tensor, batch_size: int = 256) -> list[dict]:
+    """Per merge level: omega mean / median / 10th and 90th percentile, and the median ratio
+    ``||omega W_V u|| / ||s^0||`` over the real positions of ``items [U, N]`` (left-padded, -1 = padding)."""
+    enc = getattr(model, "encoder", None)
+    if enc is None or not hasattr(enc, "wv_m"):
+        raise UserError("comeir analyze merge: the checkpoint's model has no memory-conditioned merge (needs "
+                        "model.variant comeir without the no_memory_merge ablation)")
+    levels = len(enc.wv_m)
+    seen: dict[str, list] = {"q": [], "k": [], "v": []}
+    hooks = [enc.wq_m.register_forward_hook(lambda m, i, o: seen["q"].append(o))]
+    hooks += [w.register_forward_hook(lambda m, i, o: seen["k"].append(o)) for w in enc.wk_m]
+    hooks += [w.register_forward_hook(lambda m, i, o: seen["v"].append(o)) for w in enc.wv_m]
+    omegas, ratios = [[] for _ in range(levels)], [[] for _ in range(levels)]
+    s0_norms = []
+    try:
+        with torch.no_grad():
+            for start in range(0, items.shape[0], batch_size):
+                for v in seen.values():
+                    v.clear()
+                out = model.encoder_pass(items[start:start + batch_size])
+                mask, s0_norm = out["mask"], out["s0"].norm(dim=-1)
+                s0_norms.append(s0_norm[mask])
+                for l in range(levels):  # the merge calls W_Q, W_K,l, W_V,l once per level, in level order
+                    omega = torch.sigmoid((seen["q"][l] * seen["k"][l]).sum(-1) + enc.b_m[l])
+                    term = omega * seen["v"][l].norm(dim=-1)
+                    omegas[l].append(omega[mask])
+                    ratios[l].append((term / s0_norm.clamp_min(1e-12))[mask])
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for l in range(levels):
+        o, r = torch.cat(omegas[l]).float(), torch.cat(ratios[l]).float()
+        q = torch.quantile(o, torch.tensor([0.1, 0.5, 0.9])).tolist()
+        rows.append({"level": l + 1, "positions": int(o.numel()), "bias": float(enc.b_m[l].detach()),
+                     "s0_norm_median": float(torch.cat(s0_norms).median()),
+                     "omega_mean": float(o.mean()), "omega_p10": q[0], "omega_median": q[1], "omega_p90": q[2],
+                     "memory_to_s0_median": float(r.median())})
+    return rows
+
+
+def format_merge_stats(rows: list[dict], title: str) -> str:
+    lines = [title, "", "| level | positions | b_l | omega mean | omega p10 / median / p90 | "
+             "median ||omega W_V u|| / ||s^0|| | median ||s^0|| |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['level']} | {r['positions']:,} | {r['bias']:.2f} | {r['omega_mean']:.4f} | "
+                     f"{r['omega_p10']:.4f} / {r['omega_median']:.4f} / {r['omega_p90']:.4f} | "
+                     f"{r['memory_to_s0_median']:.3f} | {r['s0_norm_median']:.3f} |")
+    lines.append("")
+    lines.append(f"mean over levels of the median memory / s^0 ratio: "
+                 f"{statistics.fmean(r['memory_to_s0_median'] for r in rows):.3f}")
+    return "\n".join(lines)
+
+
+def run_merge_stats(checkpoint: str, split: str = "test", users: int | None = 2048, dataset: str | None = None,
+                    out: str | None = None) -> list[dict]:
+    """Load ``checkpoint`` (RUN/best) and measure the merge on the first ``users`` histories of ``split``."""
+    from pathlib import Path
+
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.train.samples import split_samples
+    from comeir_dist.utils.atomic import write_json
+    from comeir_dist.utils.output_guard import check_out_file
+
+    if out:
+        check_out_file(Path(out))
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint: {checkpoint} is not a checkpoint directory (RUN/best)")
+    model, cfg, _meta, _dev = load_model_from_checkpoint(Path(checkpoint), dataset)
+    hist = split_samples(cfg.dataset, split, cfg.max_history)[1]
+    items = torch.as_tensor(hist[: users or len(hist)])
+    model.eval()
+    rows = merge_gate_stats(model, items)
+    if out:
+        write_json(Path(out), {"checkpoint": str(checkpoint), "split": split, "users": int(items.shape[0]),
+                               "levels": rows})
+    return rows
