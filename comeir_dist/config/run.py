@@ -80,8 +80,8 @@ class ModelConfig(Section):
                                    "larger than s^0 (`comeir analyze merge`), so the item vector is almost all memory.")
     merge_gate_bias: float = Field(0.0, description="Initial b_l of the memory-conditioned merge gate omega (Eq. 7). "
                                    "0 = omega starts near 0.5; a negative value (extension) starts the encoder's memory "
-                                   "reads nearly closed (-4: omega ~0.02), so the item vector is s^0 until training "
-                                   "opens the gate.")
+                                   "reads nearly closed (-4: omega ~0.02), so the item vector is s^0 unless training "
+                                   "opens the gate (on the bundled data it keeps it shut: README, round 22).")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on Engram addresses read by ComeIR "
                                   "(encoder and head) during training; regularises the hashed memories.")
     decoding: Literal["normal", "nezha"] = Field(
