@@ -4,11 +4,13 @@ The memory-conditioned merge (Eq. 7) adds, per level l, ``omega_l * W_V,l u_l`` 
 ``omega_l = sigma((W_Q s^{l-1})^T (W_K,l u_l) + b_l)`` and ``u_l = [eta^S_l; eta^T_l]`` the encoder's memory reads.
 A run whose gate starts nearly closed (``model.merge_gate_bias``) may keep it closed: this reads a trained checkpoint
 on real histories and reports, per level, the gate's distribution and the size of the memory term against s^0
-(L2 norms per history position, real positions only). Forward hooks on the merge's projections; nothing is changed.
+(L2 norms per history position, real positions only). Forward hooks on W_Q and W_V,l capture each merge step's state
+s^{l-1}, memory input u_l and value W_V,l u_l; the gate is recomputed by the encoder's own ``merge_gate``. Read-only.
 """
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -23,10 +25,15 @@ def merge_gate_stats(model, items: torch.Tensor, batch_size: int = 256) -> list[
         raise UserError("comeir analyze merge: the checkpoint's model has no memory-conditioned merge (needs "
                         "model.variant comeir without the no_memory_merge ablation)")
     levels = len(enc.wv_m)
-    seen: dict[str, list] = {"q": [], "k": [], "v": []}
-    hooks = [enc.wq_m.register_forward_hook(lambda m, i, o: seen["q"].append(o))]
-    hooks += [w.register_forward_hook(lambda m, i, o: seen["k"].append(o)) for w in enc.wk_m]
-    hooks += [w.register_forward_hook(lambda m, i, o: seen["v"].append(o)) for w in enc.wv_m]
+    # per merge step l: the state s^{l-1} entering W_Q (its input), the memory input u_l and the value W_V,l u_l
+    seen: dict[str, list] = {"s": [], "u": [], "v": []}
+
+    def value_hook(module, inputs, output) -> None:  # a hook returning a value would replace the layer's output
+        seen["u"].append(inputs[0])
+        seen["v"].append(output)
+
+    hooks = [enc.wq_m.register_forward_hook(lambda m, i, o: seen["s"].append(i[0]))]
+    hooks += [w.register_forward_hook(value_hook) for w in enc.wv_m]
     omegas, ratios = [[] for _ in range(levels)], [[] for _ in range(levels)]
     s0_norms = []
     try:
@@ -35,22 +42,24 @@ def merge_gate_stats(model, items: torch.Tensor, batch_size: int = 256) -> list[
                 for v in seen.values():
                     v.clear()
                 out = model.encoder_pass(items[start:start + batch_size])
+                s_in, u_in, v_out = (list(seen[k]) for k in ("s", "u", "v"))  # merge_gate below fires the W_Q hook
                 mask, s0_norm = out["mask"], out["s0"].norm(dim=-1)
                 s0_norms.append(s0_norm[mask])
-                for l in range(levels):  # the merge calls W_Q, W_K,l, W_V,l once per level, in level order
-                    omega = torch.sigmoid((seen["q"][l] * seen["k"][l]).sum(-1) + enc.b_m[l])
-                    term = omega * seen["v"][l].norm(dim=-1)
+                for l in range(levels):  # the merge runs its steps in level order, one call of each layer per step
+                    omega = enc.merge_gate(l, s_in[l], u_in[l]).squeeze(-1)
+                    term = omega * v_out[l].norm(dim=-1)
                     omegas[l].append(omega[mask])
                     ratios[l].append((term / s0_norm.clamp_min(1e-12))[mask])
     finally:
         for h in hooks:
             h.remove()
+    s0_median = float(torch.cat(s0_norms).median())
     rows = []
     for l in range(levels):
         o, r = torch.cat(omegas[l]).float(), torch.cat(ratios[l]).float()
         q = torch.quantile(o, torch.tensor([0.1, 0.5, 0.9])).tolist()
         rows.append({"level": l + 1, "positions": int(o.numel()), "bias": float(enc.b_m[l].detach()),
-                     "s0_norm_median": float(torch.cat(s0_norms).median()),
+                     "s0_norm_median": s0_median,
                      "omega_mean": float(o.mean()), "omega_p10": q[0], "omega_median": q[1], "omega_p90": q[2],
                      "memory_to_s0_median": float(r.median())})
     return rows
@@ -72,8 +81,6 @@ def format_merge_stats(rows: list[dict], title: str) -> str:
 def run_merge_stats(checkpoint: str, split: str = "test", users: int | None = 2048, dataset: str | None = None,
                     out: str | None = None) -> list[dict]:
     """Load ``checkpoint`` (RUN/best) and measure the merge on the first ``users`` histories of ``split``."""
-    from pathlib import Path
-
     from comeir_dist.eval.run_eval import load_model_from_checkpoint
     from comeir_dist.train.samples import split_samples
     from comeir_dist.utils.atomic import write_json

@@ -31,7 +31,7 @@ from comeir_dist.engram.read import EngramRead
 from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import backbone_width, run_backbone
 from comeir_dist.model.code_decoder import cached_code_decoder, teacher_forced_code_logits
-from comeir_dist.model.comeir_encoder import ComeIREncoder, history_units
+from comeir_dist.model.comeir_encoder import ComeIREncoder, EncoderMemoryOptions, history_units
 from comeir_dist.model.comeir_sequence import comeir_sequence_loss
 from comeir_dist.model.decor_config import DecorConfig
 from comeir_dist.model.engram_memory import EngramLookup, EngramTables
@@ -48,9 +48,8 @@ class ComeIRModel(nn.Module):
                  trie, token_dim: int, window: int, ablations: set[str], sparse_device="cpu",
                  head_interaction: str = "none", memory_dropout: float = 0.0, head_memory_grad: bool = True,
                  decoding: str = "normal", nezha_delta: str = "code", fusion: str = "concat",
-                 decor: DecorConfig | None = None, head: str = "memory", encoder_memory_grad: bool = True,
-                 merge_gate_bias: float = 0.0, merge_value_init: str = "default",
-                 merge_input_norm: bool = False):
+                 decor: DecorConfig | None = None, head: str = "memory",
+                 encoder_options: EncoderMemoryOptions = EncoderMemoryOptions()):
         super().__init__()
         if decor is not None and decor.compose:
             raise UserError("model.decor.compose applies to flatten / tm with model.decoding: normal (the variants "
@@ -69,9 +68,7 @@ class ComeIRModel(nn.Module):
                     reads[f"{memory}{l}"] = EngramRead(d, ecfg.d_m, n, d, addr_dropout=memory_dropout)
         self.reads = reads
         self.encoder = ComeIREncoder(self.levels, self.codebook_size, d, catalog.emb.shape[1], window, reads,
-                                     ablations, ecfg.d_max, memory_grad=encoder_memory_grad,
-                                     gate_bias=merge_gate_bias, value_init=merge_value_init,
-                                     input_norm=merge_input_norm)
+                                     ablations, ecfg.d_max, encoder_options)
         if head == "decoder":  # extension (ModelConfig refuses it with nezha): the Normal-GR decoder of tm / flatten
             self.head = None
             self.out = nn.ModuleList(nn.Linear(d, self.codebook_size) for _ in range(self.levels))

@@ -7,13 +7,14 @@
     r_n = LN(s^L)
 Ablations: no_mm_scoring (mean pooling), no_memory_merge (one linear layer over [s^0; u_1..u_L]),
 no_e_intra / no_e_inter (the corresponding eta is 0 and its tables are not read by the encoder).
-Extensions: model.encoder_memory_grad false (the encoder's reads do not write the rows), model.merge_gate_bias
-(initial b_l of the Eq. 7 gate), model.merge_value_init zero (W^M_{V,l} starts at 0), model.merge_input_norm (the merge starts from
-LN(s^0), the scale of the memory reads).
+Extensions (EncoderMemoryOptions): model.encoder_memory_grad false (the encoder's reads do not write the rows),
+model.merge_gate_bias (initial b_l of the Eq. 7 gate), model.merge_value_init zero (W^M_{V,l} starts at 0),
+model.merge_input_norm (the merge starts from LN(s^0), the scale of the memory reads).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,30 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return torch.einsum("bnw,bndw->bnd", attn, v)
 
 
+@dataclass(frozen=True)
+class EncoderMemoryOptions:
+    """The encoder-side extensions of round 22 (``model.encoder_memory_grad``, ``model.merge_gate_bias``,
+    ``model.merge_value_init``, ``model.merge_input_norm``); the defaults are the paper's encoder."""
+
+    memory_grad: bool = True  # False: the encoder reads the Engram rows, never writes them
+    gate_bias: float = 0.0  # initial b_l of the Eq. 7 gate
+    value_init: str = "default"  # "zero": W^M_{V,l} starts at 0
+    input_norm: bool = False  # the merge starts from LN(s^0)
+
+    @classmethod
+    def from_model_config(cls, m) -> "EncoderMemoryOptions":
+        """From a ``ModelConfig``."""
+        return cls(m.encoder_memory_grad, m.merge_gate_bias, m.merge_value_init, m.merge_input_norm)
+
+
 class ComeIREncoder(nn.Module):
     def __init__(self, levels: int, codebook_size: int, d: int, d_mm: int, window: int, reads: nn.ModuleDict,
-                 ablations: set[str], d_max: int, memory_grad: bool = True, gate_bias: float = 0.0,
-                 value_init: str = "default", input_norm: bool = False):
+                 ablations: set[str], d_max: int, options: EncoderMemoryOptions = EncoderMemoryOptions()):
         super().__init__()
         self.levels, self.codebook_size, self.d, self.window, self.d_max = levels, codebook_size, d, window, d_max
         self.reads = reads  # shared with the head: R^S_l / R^T_l per level
         self.ablations = ablations
-        self.memory_grad = memory_grad  # model.encoder_memory_grad: False = read the rows, never write them
+        self.memory_grad = options.memory_grad  # model.encoder_memory_grad: False = read the rows, never write them
         self.w_mm = nn.Linear(d_mm, d)  # W_mm (Eq. 4)
         self.intra_adapters = nn.ModuleDict({str(l): nn.Linear((l - 1) * d, d) for l in range(2, levels + 1)})
         self.wq_p = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(levels))  # W^P_{Q,l} (Eq. 21)
@@ -59,9 +75,9 @@ class ComeIREncoder(nn.Module):
             self.wq_m = nn.Linear(d, d, bias=False)  # W^M_Q
             self.wk_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{K,l}
             self.wv_m = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(levels))  # W^M_{V,l}
-            self.b_m = nn.Parameter(torch.full((levels,), float(gate_bias)))  # model.merge_gate_bias
-            self.merge_in_ln = nn.LayerNorm(d) if input_norm else None  # model.merge_input_norm
-            if value_init == "zero":  # model.merge_value_init: the merge starts as the identity on s^0
+            self.b_m = nn.Parameter(torch.full((levels,), float(options.gate_bias)))  # model.merge_gate_bias
+            self.merge_in_ln = nn.LayerNorm(d) if options.input_norm else None  # model.merge_input_norm
+            if options.value_init == "zero":  # model.merge_value_init: the merge starts as the identity on s^0
                 for w in self.wv_m:
                     nn.init.zeros_(w.weight)
         self.out_ln = nn.LayerNorm(d)
@@ -90,6 +106,10 @@ class ComeIREncoder(nn.Module):
                 handles["inter"][l] = [_add(lp, "inter", l, o, *inter_keys(units[l - 1], mask, o, marker), fold)
                                        for o in lp.lookup.orders("inter", l)]
         return handles
+
+    def merge_gate(self, level: int, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """omega of Eq. 7 at merge step ``level`` (0-based): sigma((W_Q s)^T (W_K,l u) + b_l), ``[..., 1]``."""
+        return torch.sigmoid((self.wq_m(s) * self.wk_m[level](u)).sum(-1, keepdim=True) + self.b_m[level])
 
     def _read(self, lp: LookupPass, memory: str, level: int, handles: list, query: torch.Tensor) -> torch.Tensor:
         addr, valid = read_addresses(lp, handles)
@@ -122,8 +142,7 @@ class ComeIREncoder(nn.Module):
         else:
             s = s0 if self.merge_in_ln is None else self.merge_in_ln(s0)
             for l, u in enumerate(us):
-                omega = torch.sigmoid((self.wq_m(s) * self.wk_m[l](u)).sum(-1, keepdim=True) + self.b_m[l])
-                s = s + omega * self.wv_m[l](u)
+                s = s + self.merge_gate(l, s, u) * self.wv_m[l](u)
         r = self.out_ln(s) * mask.unsqueeze(-1)
         return r, s0
 

@@ -125,8 +125,9 @@ class LookupPass:
     def add(self, memory: str, level: int, order: int, keys: torch.Tensor, valid: torch.Tensor,
             fold: torch.Tensor | None = None) -> int:
         """``fold``: the cross-fit fold of each key (broadcastable to ``keys.shape[:-1]``), e.g. ``self.fold`` gathered
-        per key; ignored when the pass is not cross-fitted or ``memory`` is not in ``engram.cross_fit_memories``. A cross-fitted key reads its row of the other fold and,
-        when gradients are on, trains its row of its own fold (engram/cross_fit.py)."""
+        per key; ignored when the pass is not cross-fitted or ``memory`` is not in ``engram.cross_fit_memories``.
+        A cross-fitted key reads its row of the other fold and, when gradients are on, trains its row of its own
+        fold (engram/cross_fit.py)."""
         g = group_name(memory, level)
         if g not in self.batches:
             self.batches[g] = self.lookup.index[g].new_batch()

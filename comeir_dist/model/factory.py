@@ -11,6 +11,7 @@ from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import build_backbone
 from comeir_dist.model.baselines import GenerativeBaseline
 from comeir_dist.model.comeir import ComeIRModel
+from comeir_dist.model.comeir_encoder import EncoderMemoryOptions
 from comeir_dist.model.history import Catalog
 
 
@@ -40,9 +41,7 @@ def build_model(cfg: RunConfig, codes: np.ndarray, codebooks: np.ndarray, item_e
                             sparse_device=sparse_device, head_interaction=m.head_interaction,
                             memory_dropout=m.memory_dropout, head_memory_grad=m.head_memory_grad,
                             decoding=m.decoding, nezha_delta=m.nezha_delta, fusion=m.token_fusion, decor=m.decor,
-                            head=m.comeir_head, encoder_memory_grad=m.encoder_memory_grad,
-                            merge_gate_bias=m.merge_gate_bias, merge_value_init=m.merge_value_init,
-                            merge_input_norm=m.merge_input_norm)
+                            head=m.comeir_head, encoder_options=EncoderMemoryOptions.from_model_config(m))
     else:
         model = GenerativeBaseline(m.variant, catalog, cb, backbone, m.token_dim, decoding=m.decoding,
                                    nezha_delta=m.nezha_delta, window=m.window, fusion=m.token_fusion, decor=m.decor)

@@ -63,6 +63,7 @@ from comeir_dist.errors import UserError
 from comeir_dist.model.backbone import attention_mask_for, backbone_width, run_backbone
 from comeir_dist.model.baselines import GenerativeBaseline
 from comeir_dist.model.comeir import ComeIRModel
+from comeir_dist.model.comeir_encoder import EncoderMemoryOptions
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.model.pref_memory_config import PrefMemoryConfig
 from comeir_dist.model.sasrec import SASRecModel
@@ -522,8 +523,7 @@ def build_pref_memory_model(cfg, codes, codebooks, item_emb, sparse_device="cpu"
                                 m.window, set(m.ablations), sparse_device=sparse_device,
                                 head_interaction=m.head_interaction, memory_dropout=m.memory_dropout,
                                 head_memory_grad=m.head_memory_grad, fusion=m.token_fusion, decor=m.decor,
-                                encoder_memory_grad=m.encoder_memory_grad, merge_gate_bias=m.merge_gate_bias,
-                                merge_value_init=m.merge_value_init, merge_input_norm=m.merge_input_norm)
+                                encoder_options=EncoderMemoryOptions.from_model_config(m))
     model = PrefMemoryTM(catalog, cb, build_backbone(m.backbone), m.token_dim, m.pref_memory, window=m.window,
                          fusion=m.token_fusion)
     model.trie = trie

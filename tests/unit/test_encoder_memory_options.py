@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from comeir_dist.config.run import RunConfig
 from comeir_dist.engram.cross_fit import fold_rows
+from comeir_dist.errors import UserError
 from comeir_dist.model.factory import build_model
 from comeir_dist.model.history import HistoryBatch
 from comeir_dist.train.samples import training_samples
@@ -186,5 +187,5 @@ def test_analyze_merge_reports_gate_and_memory_scale(tiny):
     assert all(0 < r["omega_mean"] < 1 and r["memory_to_s0_median"] > 0 for r in rows)
     assert all(r["omega_mean"] < 1e-9 and r["memory_to_s0_median"] < 1e-9 for r in closed)
     assert "| 3 |" in format_merge_stats(rows, "t")
-    with pytest.raises(Exception, match="memory-conditioned merge"):
+    with pytest.raises(UserError, match="memory-conditioned merge"):
         merge_gate_stats(_model(tiny, model__ablations=["no_memory_merge"]), batch.items)
