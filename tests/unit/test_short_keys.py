@@ -389,6 +389,22 @@ def test_resume_old_drop_checkpoint(tmp_path):
         ckpt.check_compatible(tmp_path, _state(shorten), cfg, _NoTables(), "fp", 10)
 
 
+def test_resume_checkpoint_that_predates_an_option(tmp_path):
+    """A checkpoint saved before a model/engram option existed resumes (the option's default is the behaviour it
+    was trained with); a saved value that differs from the config is still refused."""
+    from comeir_dist.train import checkpoint as ckpt
+
+    cfg, data = _old_run_config_dict(tmp_path)
+    saved = json.loads(json.dumps(cfg.model_dump(mode="json")))
+    for section, option in (("model", "merge_input_norm"), ("model", "merge_value_init"), ("engram", "cross_fit")):
+        del saved[section][option]
+    del saved["model"]["backbone"]["head_dim"]  # nested sections too (at its default here)
+    ckpt.check_compatible(tmp_path, _state(json.loads(json.dumps(saved))), cfg, _NoTables(), "fp", 10)  # accepted
+    cfg.model.merge_input_norm = True  # the checkpoint was trained without it
+    with pytest.raises(UserError, match="config 'model' differs"):
+        ckpt.check_compatible(tmp_path, _state(json.loads(json.dumps(saved))), cfg, _NoTables(), "fp", 10)
+
+
 def test_load_checkpoint_into_refuses_other_rule(tmp_path):
     from comeir_dist.train import checkpoint_simple as cs
 
