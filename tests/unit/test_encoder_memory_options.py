@@ -187,5 +187,13 @@ def test_analyze_merge_reports_gate_and_memory_scale(tiny):
     assert all(0 < r["omega_mean"] < 1 and r["memory_to_s0_median"] > 0 for r in rows)
     assert all(r["omega_mean"] < 1e-9 and r["memory_to_s0_median"] < 1e-9 for r in closed)
     assert "| 3 |" in format_merge_stats(rows, "t")
+    # the paper's merge adds to s^0 itself; under merge_input_norm to LN(s^0), whose norm the second ratio uses
+    assert all(r["merge_start"] == "s0" and r["memory_to_start_median"] == pytest.approx(r["memory_to_s0_median"])
+               for r in rows)
+    normed = merge_gate_stats(_model(tiny, model__merge_input_norm=True).eval(), batch.items)
+    d = _model(tiny).encoder.out_ln.normalized_shape[0]
+    assert all(r["merge_start"] == "LN(s0)" and r["start_norm_median"] == pytest.approx(d ** 0.5, rel=1e-3)
+               for r in normed)
+    assert all(r["memory_to_start_median"] < r["memory_to_s0_median"] for r in normed)
     with pytest.raises(UserError, match="memory-conditioned merge"):
         merge_gate_stats(_model(tiny, model__ablations=["no_memory_merge"]), batch.items)
