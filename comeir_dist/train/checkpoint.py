@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 
+from comeir_dist.config.base import parse_section
 from comeir_dist.errors import UserError
 from comeir_dist.train import checkpoint_integrity as integrity
 from comeir_dist.train import rng_state
@@ -305,25 +306,6 @@ def check_short_keys(path: Path, saved_config: dict, now_config: dict) -> None:
                         f"or start a new run dir)")
 
 
-def _with_defaults(saved, section):
-    """A saved config section with the options it predates at today's defaults: a new option defaults to the
-    behaviour before it existed (the rule ``config_hash`` relies on too), so a checkpoint written before the
-    option was added resumes. Options whose default changed are upgraded by ``_upgrade_config`` first."""
-    if not isinstance(saved, dict) or not hasattr(section, "model_fields"):
-        return saved
-    return _fill_missing(saved, type(section)().model_dump(mode="json"))
-
-
-def _fill_missing(saved: dict, default: dict) -> dict:
-    out = dict(saved)
-    for key, value in default.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = _fill_missing(out[key], value)
-    return out
-
-
 def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, n_samples: int) -> None:
     from comeir_dist.train.checkpoint_simple import hash_state
 
@@ -335,11 +317,13 @@ def check_compatible(path: Path, state: dict, cfg, model, sid_fingerprint: str, 
     if state["hash_multipliers"] != hash_state(model):
         raise UserError(f"{path}: Engram hash multipliers/table sizes differ from the config")
     _upgrade_config(state)  # (idempotent; read_state already did it)
-    saved = state["config"]
     now = cfg.model_dump(mode="json")
-    check_short_keys(path, saved, now)
+    check_short_keys(path, state["config"], now)
+    # validated like any config: options the checkpoint predates take their defaults (every new option defaults to
+    # the behaviour before it existed), so upgrading the package does not orphan a run
+    saved = parse_section(type(cfg), state["config"], source=f"{path}/state.json").model_dump(mode="json")
     for section in ("model", "engram", "max_history", "seed"):
-        if _with_defaults(saved.get(section), getattr(cfg, section)) != now.get(section):
+        if saved.get(section) != now.get(section):
             raise UserError(f"{path}: config '{section}' differs from the checkpoint's; resume needs the same "
                             f"model (start a new run dir or set parallel.resume: false)")
     if state["sampler"]["n"] != n_samples:
