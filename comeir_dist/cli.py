@@ -74,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output dataset dir (default runs/data/scientific)")
     p.add_argument("--k-core", dest="k_core", type=int)
     p.add_argument("--max-history", dest="max_history", type=int)
+    p.add_argument("--valid-targets", dest="valid_targets", type=int,
+                   help="validation targets per user (default 1 = leave-one-out; see `comeir recipe` for few-user data)")
     add_overwrite_flag(p, "; with changed inputs, the dataset's stale embeddings/SIDs are deleted")
 
     p = sub.add_parser("embed", help="item text -> item_emb.parquet with a sentence encoder (Ray tasks)")
@@ -127,7 +129,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 PREPARE_FLAGS = {"input": "prepare.input", "items": "prepare.items", "out": "prepare.out",
-                 "k_core": "prepare.k_core", "max_history": "prepare.max_history"}
+                 "k_core": "prepare.k_core", "max_history": "prepare.max_history",
+                 "valid_targets": "prepare.valid_targets"}
 EMBED_FLAGS = {"model": "embed.model", "max_chars": "embed.max_chars", "num_shards": "embed.num_shards",
                "ray_address": "ray_address", "ray_num_cpus": "ray_num_cpus"}
 QUANT_FLAGS = {"method": "quantize.method", "levels": "quantize.levels", "codebook_size": "quantize.codebook_size",

@@ -16,6 +16,11 @@ class PrepareConfig(Section):
     out: str = Field("runs/data/scientific", description="Output dataset directory.")
     k_core: int = Field(5, ge=1, description="Users and items with fewer interactions are removed, iterated to a fixed point.")
     max_history: int = Field(20, ge=1, description="Most recent items kept as model history (stored in stats; applied at batching).")
+    valid_targets: int = Field(1, ge=1, le=100, description="Validation targets per user: the K items before each "
+        "user's test item, each with all items before it as history (a user with n items gets min(K, max(1, n - 3)): "
+        "at least one training transition stays); "
+        "training keeps the items before them. 1 = leave-one-out. More than 1 is for data with few users and long "
+        "histories, where one target per user leaves checkpoint selection noisy (`comeir recipe` says when).")
 
 
 class EmbedConfig(Section):

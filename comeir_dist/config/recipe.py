@@ -37,6 +37,10 @@ histories -- with one stated rule per setting, so a user's first run on their ow
   few users it halves the rate on noise. Measured on MovieLens (sasrec, recent 20 items, 3 seeds each, README
   *Accuracy on MovieLens*): plateau + 2 epochs of patience 0.0435 / 0.0298 / 0.0221 test NDCG@10, constant + 6
   epochs 0.0493 / 0.0344 / 0.0441. The threshold lies between the two datasets; it is not tuned.
+* Validation targets (not a config key: the dataset's split): with fewer than ``NOISY_VALIDATION_USERS``
+  validation targets the recipe says so and names ``comeir prepare --valid-targets K`` with K =
+  ceil(2000 / users), at most ``MAX_VALID_TARGETS`` (MovieLens: 4). The schedule rule above still counts distinct
+  users: the targets of one user are correlated, and the constant-rate rule was measured per user.
 * The model (backbone, Engram sizes) stays the CPU experiment's: on the bundled data 4x larger tables (the
   paper's s_S 1, s_T 2, d_m 256) did not change test NDCG@10 (README); check the tables against the data's
   keys with ``comeir analyze keys --config THE_RECIPE.yaml`` (occupancy, private rows).
@@ -62,6 +66,7 @@ BASE_BATCH, BASE_LR = 256, 2e-3
 MIN_BATCH = 16
 WARMUP_EPOCHS = 0.4
 NOISY_VALIDATION_USERS = 2000
+MAX_VALID_TARGETS = 10
 # the file's first line; `comeir recipe` replaces only files that start with it (or with --overwrite)
 MARKER = "# written by `comeir recipe`"
 
@@ -74,7 +79,8 @@ class DatasetProfile:
     users: int
     items: int
     train_samples: int
-    valid_users: int
+    valid_users: int  # distinct users in valid.parquet
+    valid_targets: int  # its rows (``comeir prepare --valid-targets K``: up to K per user)
     history_p50: float
     history_p95: float
     history_max: int
@@ -110,13 +116,33 @@ def dataset_profile(dataset_dir: str | Path) -> DatasetProfile:
         raise UserError(f"{dataset_dir}/test.parquet: no users")
     lengths = pc.list_value_length(test.column("history")).to_numpy(zero_copy_only=False)
     train_items = pc.list_value_length(read_split(dataset_dir, "train").column("items")).to_numpy(zero_copy_only=False)
+    valid = read_split(dataset_dir, "valid")
     return DatasetProfile(dataset=str(dataset_dir), users=int(stats["users"]), items=int(stats["items"]),
                           train_samples=require_training_samples(dataset_dir),
-                          valid_users=read_split(dataset_dir, "valid").num_rows,
+                          valid_users=len(pc.unique(valid.column("user_idx"))), valid_targets=valid.num_rows,
                           history_p50=float(np.percentile(lengths, 50)),
                           history_p95=float(np.percentile(lengths, 100 * HISTORY_QUANTILE)),
                           history_max=int(lengths.max()), sid_method=_sid_method(Path(dataset_dir)),
                           train_lengths=tuple(int(n) for n in train_items))
+
+
+def suggested_valid_targets(profile: DatasetProfile) -> int | None:
+    """Validation targets per user that would give >= NOISY_VALIDATION_USERS validation targets (at most
+    MAX_VALID_TARGETS), when the dataset has fewer targets than that and more than one would help; else None."""
+    if profile.valid_targets >= NOISY_VALIDATION_USERS or profile.valid_users == 0:
+        return None
+    k = min(MAX_VALID_TARGETS, math.ceil(NOISY_VALIDATION_USERS / profile.valid_users))
+    return k if k * profile.valid_users > profile.valid_targets else None
+
+
+def valid_targets_note(profile: DatasetProfile) -> str | None:
+    """The advice printed and written when :func:`suggested_valid_targets` has one."""
+    k = suggested_valid_targets(profile)
+    if k is None:
+        return None
+    return (f"only {profile.valid_targets:,} validation targets select the checkpoints; `comeir prepare ... "
+            f"--valid-targets {k}` on a copy of the dataset dir (its embeddings and SIDs stay: same items) "
+            f"gives {k} per user, {k * profile.valid_users:,} in all")
 
 
 def _round_up(x: float, step: int) -> int:
@@ -183,7 +209,7 @@ def derive_recipe(profile: DatasetProfile, base: dict, history_cap: int = HISTOR
         why.append(f"train.eval_every_epochs: 1, train.patience: 6, train.lr_schedule: constant, train.max_epochs: 60 "
                    f"-- only {profile.valid_users:,} validation users (< {NOISY_VALIDATION_USERS:,}): NDCG@10's "
                    f"standard error is large, so a non-improving validation is often noise; keep the rate and stop "
-                   f"after 6 epochs without a better validation NDCG@10")
+                   f"after 6 epochs without a better validation NDCG@10 ({profile.valid_targets:,} validation targets)")
     else:
         every, patience = (0.5, 4) if steps >= MIN_STEPS_PER_EPOCH else (1.0, 2)
         why.append(f"train.eval_every_epochs: {every:g}, train.patience: {patience} -- stop after 2 epochs without "
@@ -205,6 +231,9 @@ def recipe_text(cfg: dict, why: list[str], profile: DatasetProfile, base_path: s
 
     head = [MARKER + f" from {profile.dataset} (base: {base_path}); the derived settings and why:"]
     head += [f"#   {line}" for line in why]
+    note = valid_targets_note(profile)
+    if note:
+        head.append(f"# NOTE: {note}")
     head += ["# everything else is the base config's (the fair protocol). Dataset profile:",
              "#   " + ", ".join(f"{k} {v}" for k, v in asdict(profile).items() if k not in ("dataset", "train_lengths"))]
     return "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)

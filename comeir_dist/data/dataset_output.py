@@ -40,8 +40,10 @@ def input_files(cfg: PrepareConfig) -> list[Path]:
 
 def input_fingerprint(cfg: PrepareConfig) -> str:
     """sha256 of the input files' bytes and the prepare parameters (not of the paths: a moved copy matches)."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "k_core": cfg.k_core, "max_history": cfg.max_history},
-                                  sort_keys=True).encode())
+    params = {"format": FORMAT, "k_core": cfg.k_core, "max_history": cfg.max_history}
+    if cfg.valid_targets != 1:  # absent at the default: datasets prepared before the option keep their fingerprint
+        params["valid_targets"] = cfg.valid_targets
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for f in input_files(cfg):
         h.update(f"\0{f.name}\0".encode())
         try:

@@ -1,4 +1,5 @@
-"""`comeir prepare`: raw data -> k-core filtered, remapped, leave-one-out Parquet dataset."""
+"""`comeir prepare`: raw data -> k-core filtered, remapped, leave-one-out Parquet dataset (optionally K validation
+targets per user, ``prepare.valid_targets``)."""
 from __future__ import annotations
 
 import json
@@ -56,6 +57,20 @@ def _filter(raw: RawData, cfg: PrepareConfig) -> dict[str, list[str]]:
     return seqs
 
 
+def split_rows(mapped: list[list[int]], valid_targets: int) -> tuple[list, dict[str, list]]:
+    """(train sequences, valid columns) of users' item lists: the last item is the test target; the up to
+    ``valid_targets`` items before it are validation targets, oldest first, each with every item before it as
+    history; training keeps the items before the first one. A user keeps >= 2 training items (one transition)
+    when it has 4 or more, so extra targets never take a user's last training transition."""
+    train, valid = [], {"user_idx": [], "history": [], "target": []}
+    for u, s in enumerate(mapped):
+        k = min(valid_targets, max(1, len(s) - 3))
+        train.append(s[:len(s) - 1 - k])
+        for pos in range(len(s) - 1 - k, len(s) - 1):
+            valid["user_idx"].append(u), valid["history"].append(s[:pos]), valid["target"].append(s[pos])
+    return train, valid
+
+
 def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table], dict]:
     """Pure function: filtered, remapped tables plus stats (no I/O)."""
     seqs = _filter(raw, cfg)
@@ -64,6 +79,7 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
     item_idx = {r: n for n, r in enumerate(item_ids)}
     mapped = [[item_idx[i] for i in seqs[u]] for u in users]
     uidx = list(range(len(users)))
+    train, valid = split_rows(mapped, cfg.valid_targets)
     items_cols = {"item_idx": list(range(len(item_ids))), "raw_id": item_ids}
     for f in ITEM_TEXT_FIELDS:
         items_cols[f] = [raw.items[r].get(f) for r in item_ids]
@@ -71,9 +87,8 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
         "items": pa.table(items_cols, schema=ITEMS_SCHEMA),
         "users": pa.table({"user_idx": uidx, "raw_id": users}, schema=USERS_SCHEMA),
         "sequences": pa.table({"user_idx": uidx, "items": mapped}, schema=SEQUENCES_SCHEMA),
-        "train": pa.table({"user_idx": uidx, "items": [s[:-2] for s in mapped]}, schema=SEQUENCES_SCHEMA),
-        "valid": pa.table({"user_idx": uidx, "history": [s[:-2] for s in mapped], "target": [s[-2] for s in mapped]},
-                          schema=SPLIT_SCHEMA),
+        "train": pa.table({"user_idx": uidx, "items": train}, schema=SEQUENCES_SCHEMA),
+        "valid": pa.table(valid, schema=SPLIT_SCHEMA),
         "test": pa.table({"user_idx": uidx, "history": [s[:-1] for s in mapped], "target": [s[-1] for s in mapped]},
                          schema=SPLIT_SCHEMA),
     }
@@ -90,7 +105,9 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
         "min_seq_len": min(lengths),
         "max_seq_len": max(lengths),
         "mean_seq_len": round(sum(lengths) / len(lengths), 3),
-        "train_samples": sum(max(0, n - 3) for n in lengths),
+        "valid_targets": cfg.valid_targets,
+        "valid_rows": len(valid["target"]),
+        "train_samples": sum(max(0, len(s) - 1) for s in train),
         "source": raw.source,
     }
     return tables, stats
@@ -131,7 +148,7 @@ def run_prepare(cfg: PrepareConfig, overwrite: bool = False) -> Path:
             remove_artefacts(out, stale)
     write_marker(out, "dataset", fp, "comeir prepare", files=list(PREPARED_FILES),
                  params={"input": cfg.input, "items": cfg.items, "k_core": cfg.k_core,
-                         "max_history": cfg.max_history})
+                         "max_history": cfg.max_history, "valid_targets": cfg.valid_targets})
     kept = derived_artefacts(out)
     log.info("prepared %s: %d users, %d items, %d interactions%s", out, stats["users"], stats["items"],
              stats["interactions"], f" (kept {', '.join(kept)})" if kept else "")

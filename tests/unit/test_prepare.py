@@ -55,6 +55,46 @@ def test_remap_and_split(tmp_path):
     assert it.schema.field("item_idx").type == "int32"
 
 
+def test_several_validation_targets_per_user(tmp_path):
+    """--valid-targets K: the K items before the test item are validation targets (fewer for short users: one
+    training transition stays); training keeps the items before them; test is leave-one-out as before; re-preparing a
+    copy keeps its embeddings / SIDs (same items and sequences) and the default keeps the old fingerprint."""
+    from comeir_dist.data.dataset_output import input_fingerprint
+    from comeir_dist.data.prepare import split_rows
+
+    train, valid = split_rows([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 3)
+    assert train == [[1, 2], [7]]
+    assert valid == {"user_idx": [0, 0, 0, 1], "history": [[1, 2], [1, 2, 3], [1, 2, 3, 4], [7]],
+                     "target": [3, 4, 5, 8]}
+    assert split_rows([[1, 2, 3, 4]], 1) == ([[1, 2]], {"user_idx": [0], "history": [[1, 2]], "target": [3]})
+    assert split_rows([[1, 2, 3, 4]], 5)[0] == [[1, 2]]
+
+    inter, items = toy(n_items=8, seq_len=8)
+    src = write_json_dataset(tmp_path / "raw", inter, items)
+    one = run_prepare(PrepareConfig(input=str(src), out=str(tmp_path / "one"), k_core=2))
+    (one / "sids").mkdir()
+    (one / "sids" / "kept").write_text("x")
+    import shutil
+
+    shutil.copytree(one, tmp_path / "four")
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "four"), "--k-core", "2",
+                 "--valid-targets", "4"]) == 0
+    four = tmp_path / "four"
+    assert (four / "sids" / "kept").read_text() == "x"
+    seqs = pq.read_table(four / "sequences.parquet").to_pylist()
+    valid = pq.read_table(four / "valid.parquet").to_pylist()
+    assert len(valid) == 4 * len(seqs)
+    assert [r["target"] for r in valid[:4]] == seqs[0]["items"][-5:-1]
+    assert all(r["history"] == seqs[r["user_idx"]]["items"][:len(r["history"])] for r in valid)
+    assert pq.read_table(four / "train.parquet").to_pylist()[0]["items"] == seqs[0]["items"][:-5]
+    assert pq.read_table(four / "test.parquet").equals(pq.read_table(one / "test.parquet"))
+    stats = json.loads((four / "stats.json").read_text())
+    assert (stats["valid_targets"], stats["valid_rows"], stats["train_samples"]) == (4, 4 * len(seqs), 2 * len(seqs))
+    cfg = PrepareConfig(input=str(src), k_core=2)
+    assert input_fingerprint(cfg) != input_fingerprint(PrepareConfig(input=str(src), k_core=2, valid_targets=4))
+    assert json.loads((one / ".comeir-output.json").read_text())["fingerprint"] == input_fingerprint(cfg)
+
+
 def test_csv_layout(tmp_path):
     rows = ["user_id,item_id,timestamp"]
     for u in range(6):

@@ -9,7 +9,8 @@ import yaml
 
 from comeir_dist.cli import main
 from comeir_dist.config.base import load_yaml, parse_section
-from comeir_dist.config.recipe import MARKER, DatasetProfile, dataset_profile, derive_recipe
+from comeir_dist.config.recipe import (MARKER, DatasetProfile, dataset_profile, derive_recipe,
+                                       suggested_valid_targets)
 from comeir_dist.config.run import RunConfig
 from tests.fixtures import make_tiny_dataset
 
@@ -18,7 +19,7 @@ BASE = load_yaml(REPO / "configs" / "experiment_cpu.yaml")
 # training items per user with the bundled data's totals: 33,541 prefix samples, 8,371 windows of <= 20 items
 SCIENTIFIC_LENGTHS = (26,) * 54 + (5,) * 7402 + (4,) * 861
 SCIENTIFIC = DatasetProfile(dataset="runs/data/scientific", users=8317, items=4344, train_samples=33541,
-                            valid_users=8317, history_p50=5.0, history_p95=12.0, history_max=77, sid_method="rqkmeans",
+                            valid_users=8317, valid_targets=8317, history_p50=5.0, history_p95=12.0, history_max=77, sid_method="rqkmeans",
                             train_lengths=SCIENTIFIC_LENGTHS)
 # MovieLens-like: 610 users, 2,072 windows of <= 50 items
 MOVIELENS_LENGTHS = (451,) * 110 + (201,) * 194 + (51,) * 306
@@ -63,8 +64,8 @@ def test_small_data_gets_smaller_batches_scaled_rate_and_epoch_validation():
 
 
 def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
-    movielens = replace(SCIENTIFIC, users=610, valid_users=610, train_samples=88444, history_p95=900.0,
-                        train_lengths=MOVIELENS_LENGTHS)
+    movielens = replace(SCIENTIFIC, users=610, valid_users=610, valid_targets=610, train_samples=88444,
+                        history_p95=900.0, train_lengths=MOVIELENS_LENGTHS)
     cfg, why = derive_recipe(movielens, BASE)
     t = cfg["train"]
     # 2,072 windows of 42.7 targets: 6 windows carry a prefix batch's 256 targets, 345 steps per epoch as on prefixes
@@ -72,6 +73,12 @@ def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
     assert t["warmup_steps"] == 140
     assert (t["lr_schedule"], t["eval_every_epochs"], t["patience"], t["max_epochs"]) == ("constant", 1.0, 6, 60)
     assert any("610 validation users" in line for line in why)
+    # few users: more validation targets per user are advised (>= 2,000 in all), never more than 10
+    assert suggested_valid_targets(movielens) == 4 and suggested_valid_targets(SCIENTIFIC) is None
+    assert suggested_valid_targets(replace(movielens, valid_targets=2440)) is None
+    assert suggested_valid_targets(replace(movielens, valid_users=50, valid_targets=50)) == 10
+    # the schedule follows distinct users: 4 targets per user do not make 610 users' validation a large one
+    assert derive_recipe(replace(movielens, valid_targets=2440), BASE)[0]["train"] == t
     edge = derive_recipe(replace(SCIENTIFIC, valid_users=2000), BASE)[0]["train"]
     assert (edge["lr_schedule"], edge["patience"], edge["max_epochs"]) == ("plateau", 4, BASE["train"]["max_epochs"])
     parse_section(RunConfig, cfg, source="recipe")
@@ -81,11 +88,14 @@ def test_recipe_cli_writes_a_valid_config_and_protects_foreign_files(tmp_path, c
     ds = make_tiny_dataset(tmp_path)
     prof = dataset_profile(ds)
     assert prof.users == 24 and prof.sid_method == "rqkmeans" and prof.train_samples > 0
+    assert prof.valid_users == prof.valid_targets == 24
     out = tmp_path / "recipe.yaml"
     assert main(["recipe", "--dataset", str(ds), "--out", str(out), "--base", str(REPO / "configs/experiment_cpu.yaml"),
                  "--set", "model.variant=tm"]) == 0
     text = out.read_text()
     assert text.startswith(MARKER) and "train.batch_size: 16" in text
+    assert "# NOTE: only 24 validation targets" in text and "--valid-targets 10" in text
+    assert "note: only 24 validation targets" in capsys.readouterr().out
     cfg = parse_section(RunConfig, yaml.safe_load(text), source=str(out))
     assert cfg.dataset == str(ds) and cfg.model.variant == "tm" and cfg.train.batch_size == 16
     assert cfg.out.endswith("ds_recipe")
