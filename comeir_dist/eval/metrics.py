@@ -37,6 +37,9 @@ __all__ = [
     "compute_metrics",
     "MetricSums",
     "metric_keys",
+    "clustered_standard_errors",
+    "repeated",
+    "with_clustered_se",
 ]
 
 
@@ -181,6 +184,40 @@ class MetricSums:
     def from_state(cls, state: Mapping[str, object]) -> "MetricSums":
         return cls(sums={str(k): float(v) for k, v in dict(state["sums"]).items()}, count=int(state["count"]),
                    sumsq={str(k): float(v) for k, v in dict(state.get("sumsq", {})).items()})
+
+
+def repeated(groups) -> bool:
+    """True when some group (user) owns several rows: a split prepared with ``--valid-targets K > 1``."""
+    g = np.asarray(groups)
+    return len(np.unique(g)) < len(g)
+
+
+def clustered_standard_errors(values: Mapping[str, np.ndarray], groups) -> Dict[str, float]:
+    """``se/<metric>`` of each mean over rows when rows come in correlated groups (several validation targets of
+    one user): the cluster-robust (sandwich) variance G/(G-1) * sum_g (sum_{i in g} (x_i - mean))^2 / N^2 over the
+    G groups. With one row per group it equals :meth:`MetricSums.standard_errors` (sample variance / N)."""
+    g = np.asarray(groups)
+    _, inverse = np.unique(g, return_inverse=True)
+    n_groups, n = int(inverse.max()) + 1 if len(g) else 0, len(g)
+    if n_groups < 2:
+        return {}
+    out = {}
+    for k, v in values.items():
+        x = np.asarray(v, dtype=np.float64)
+        per_group = np.bincount(inverse, weights=x - x.mean(), minlength=n_groups)
+        out[f"se/{k}"] = math.sqrt(n_groups / (n_groups - 1) * float(np.sum(per_group ** 2)) / (n * n))
+    return out
+
+
+def with_clustered_se(means: Dict[str, float], groups, ranked: tuple, ks: Sequence[int] = (5, 10)) -> Dict[str, float]:
+    """``means`` (from :meth:`MetricSums.means`) with standard errors clustered by ``groups`` and ``clusters``
+    when some group has several rows; unchanged otherwise. ``ranked`` = the rows' ``(P, G, found, sid_rank)``."""
+    if not repeated(groups):
+        return means
+    out = dict(means)
+    out.update(clustered_standard_errors(per_user_metrics(*ranked, ks), groups))
+    out["clusters"] = int(len(np.unique(np.asarray(groups))))
+    return out
 
 
 def compute_metrics(P, G, found, sid_rank, ks: Sequence[int] = (5, 10)) -> Dict[str, float]:

@@ -1,5 +1,5 @@
 """Most-popular-unseen-items baseline: every user gets the items most frequent in the training sequences
-(all but each user's last two items), skipping items already in the user's full history. A floor every
+(train.parquet: each user's items before the validation target(s)), skipping items already in the user's full history. A floor every
 trained model must clear by a clear margin; ranked with the same item-level metrics (``G = 1``)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from comeir_dist.config.run import RunConfig
 from comeir_dist.data.dataset import read_split
-from comeir_dist.eval.metrics import MetricSums
+from comeir_dist.eval.metrics import MetricSums, with_clustered_se
 
 
 def item_popularity(dataset: str) -> np.ndarray:
@@ -46,8 +46,9 @@ def _ranked(rank: np.ndarray, depth: int) -> tuple:
 def popular_metrics(cfg: RunConfig, split: str, depth: int | None = None) -> dict:
     """Metric means (+ standard errors) of the baseline on ``split`` (valid / test), over all its users."""
     depth = depth or max(max(cfg.eval.ks), cfg.eval.beam_size)
-    _, rank = popular_ranks(cfg.dataset, split, depth)
-    return MetricSums.from_arrays(*_ranked(rank, depth), cfg.eval.ks).means()
+    users, rank = popular_ranks(cfg.dataset, split, depth)
+    return with_clustered_se(MetricSums.from_arrays(*_ranked(rank, depth), cfg.eval.ks).means(), users,
+                             _ranked(rank, depth), cfg.eval.ks)
 
 
 def popular_per_user(dataset: str, split: str, metric: str) -> tuple[np.ndarray, np.ndarray]:

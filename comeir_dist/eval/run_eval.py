@@ -20,6 +20,7 @@ from comeir_dist.config.base import parse_section
 from comeir_dist.config.run import RunConfig
 from comeir_dist.errors import UserError
 from comeir_dist.eval.evaluate import evaluate_arrays
+from comeir_dist.eval.metrics import with_clustered_se
 from comeir_dist.train.checkpoint_simple import load_checkpoint_into, read_meta
 from comeir_dist.train.samples import split_samples
 from comeir_dist.train.setup import build_sharded_model, load_inputs, resolve_device
@@ -109,7 +110,9 @@ def run_evaluate(checkpoint: str, split: str = "test", out: str | None = None, d
     t0 = time.time()
     res = evaluate_arrays(model, hist, target, beam_size=beam, batch_size=batch_size or cfg.eval.batch_size,
                           ks=cfg.eval.ks, top_n=top_n, progress=True, device=dev)
-    metrics = res["sums"].means()
+    pu = res["per_user"]
+    metrics = with_clustered_se(res["sums"].means(), users, (pu["P"], pu["G"], pu["found"], pu["sid_rank"]),
+                                cfg.eval.ks) if len(target) else res["sums"].means()
     report = {"checkpoint": str(ckpt), "split": split, "variant": cfg.model.variant, "step": meta["step"],
               "beam_size": beam, "metrics": metrics, "ms_per_user": res["ms_per_user"],
               "wall_time_s": time.time() - t0, "dataset": cfg.dataset}

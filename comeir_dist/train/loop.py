@@ -44,7 +44,7 @@ from tqdm import tqdm
 from comeir_dist.config.run import RunConfig, resolve_sample_mode
 from comeir_dist.errors import UserError
 from comeir_dist.eval.evaluate import evaluate_arrays
-from comeir_dist.eval.metrics import MetricSums
+from comeir_dist.eval.metrics import MetricSums, repeated, with_clustered_se
 from comeir_dist.train.schedule import lr_factor, resolve_budget  # noqa: F401  (lr_factor re-exported)
 from comeir_dist.parallel.dist_env import (DistEnv, all_gather_object, all_reduce_sum, broadcast_object,
                                             init_distributed)
@@ -62,12 +62,18 @@ from comeir_dist.utils.output_guard import guard_run_dir
 log = logging.getLogger(__name__)
 
 
-def validation_subset(cfg: RunConfig):
-    _, hist, target = run_split_samples(cfg, "valid")
+def validation_rows(cfg: RunConfig):
+    """(user_idx, history, target) of the validation rows a run evaluates (all, or ``train.eval_users`` of them)."""
+    users, hist, target = run_split_samples(cfg, "valid")
     n = cfg.train.eval_users
     if n is not None and n < len(target):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(target), n, replace=False))
-        hist, target = hist[idx], target[idx]
+        users, hist, target = users[idx], hist[idx], target[idx]
+    return users, hist, target
+
+
+def validation_subset(cfg: RunConfig):
+    _, hist, target = validation_rows(cfg)
     return hist, target
 
 
@@ -95,14 +101,20 @@ def micro_slices(idx: np.ndarray, accum: int, rank: int, world: int) -> list[tup
     return out
 
 
-def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: RunConfig, env: DistEnv) -> dict:
+def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: RunConfig, env: DistEnv,
+                       groups: np.ndarray | None = None) -> dict:
     """Item-ranking metrics (beam search for SID models, all items for sasrec; ``eval.evaluate``) over all
-    validation users, sharded over ranks and merged exactly."""
+    validation users, sharded over ranks and merged exactly. ``groups`` (user of each row) with a user on
+    several rows (``prepare --valid-targets``): the standard errors are clustered by user
+    (``metrics.clustered_standard_errors``; the per-row values are gathered, a few per user) and ``clusters``
+    counts the users."""
     parts = np.array_split(np.arange(len(target)), env.world_size)
     mine = parts[env.rank]
     bs = cfg.eval.batch_size
     n_batches = max(math.ceil(len(p) / bs) for p in parts)  # the same on every rank
     sums = MetricSums()
+    clustered = groups is not None and repeated(groups)
+    ranked: list[tuple] = []  # (rows, P, G, found, sid_rank) of this rank's batches, for clustered errors
     with model_ctx() as model:
         for b in range(n_batches):
             sel = mine[b * bs:(b + 1) * bs]
@@ -113,8 +125,14 @@ def sharded_validation(model_ctx, hist: np.ndarray, target: np.ndarray, cfg: Run
                                   ks=cfg.eval.ks, device=env.device)
             if real:
                 sums = sums.merge(res["sums"])
+                if clustered:
+                    pu = res["per_user"]
+                    ranked.append((sel, pu["P"], pu["G"], pu["found"], pu["sid_rank"]))
     merged = MetricSums.merge_all(MetricSums.from_state(s) for s in all_gather_object(sums.state_dict(), env))
-    return merged.means()
+    if not clustered:
+        return merged.means()
+    cols = [np.concatenate(c) for c in zip(*[r for part in all_gather_object(ranked, env) for r in part])]
+    return with_clustered_se(merged.means(), np.asarray(groups)[cols[0]], tuple(cols[1:]), cfg.eval.ks)
 
 
 def _plot_curves(out: Path, title: str) -> None:
@@ -169,7 +187,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
     hist, target = run_training_samples(cfg)  # archives with model.pref_memory
     cfg = resolve_budget(cfg, len(target))  # max_epochs / eval_every_epochs -> steps
     tc = cfg.train
-    val_hist, val_target = validation_subset(cfg)
+    val_users, val_hist, val_target = validation_rows(cfg)
     params = dense_parameters(model)
     # state-dict key -> canonical parameter name of the trainable parameters (shared modules, e.g. the Engram
     # read operators used by encoder and head, appear under several keys); everything else never changes
@@ -324,7 +342,7 @@ def _train(cfg: RunConfig, env: DistEnv, on_checkpoint=None, resume_from: Option
             out_of_time = all_reduce_sum([float(out_of_time)], env)[0] > 0
         validated = step % tc.eval_every == 0 or step == tc.max_steps or out_of_time
         if validated:
-            m = sharded_validation(dense.inference, val_hist, val_target, cfg, env)
+            m = sharded_validation(dense.inference, val_hist, val_target, cfg, env, groups=val_users)
             ndcg = m["item/ndcg@10"]
             loop["history"].append({"step": step, "elapsed_s": elapsed(), **m})
             if env.is_main:

@@ -30,9 +30,12 @@ def runs(tmp_path_factory):
     def job(name, **kw):
         return {"ds": ds, "out": str(root / name), "sharding": TW, "model": SASREC, **kw}
 
-    run_ranks(1, recovery_jobs, [job("w1")])
+    # 3 validation targets per user (`prepare --valid-targets 3`): standard errors clustered by user
+    ds3 = str(make_tiny_dataset(root / "data3", valid_targets=3))
+    run_ranks(1, recovery_jobs, [job("w1"), {**job("w1_k3"), "ds": ds3}])
     run_ranks(2, recovery_jobs, [job("w2"), job("w2_zero3", parallel={"zero_stage": 3}),
-                                 job("resumed_on_w2", copy={"src": str(root / "w1"), "step": K})])
+                                 job("resumed_on_w2", copy={"src": str(root / "w1"), "step": K}),
+                                 {**job("w2_k3"), "ds": ds3}])
     return root
 
 
@@ -43,6 +46,27 @@ def test_one_and_two_ranks_train_the_same_sasrec(runs):
     state = json.loads((runs / "w2" / "checkpoints" / f"step-{2 * K}" / "state.json").read_text())
     assert state["config"]["model"]["variant"] == "sasrec" and state["table_layout"] == {}
     assert not (runs / "w2" / "checkpoints" / f"step-{2 * K}" / "tables").exists()
+
+
+def test_clustered_validation_errors_are_the_same_on_two_ranks(runs):
+    """Several validation rows per user: 2 ranks gather the per-row results and give the single-process
+    user-clustered standard errors (and the count of users) exactly."""
+    import numpy as np
+
+    from comeir_dist.eval.evaluate import evaluate_arrays
+    from comeir_dist.eval.metrics import clustered_standard_errors, per_user_metrics
+    from comeir_dist.eval.run_eval import load_model_from_checkpoint
+    from comeir_dist.train.loop import validation_rows
+
+    keys = ("item/ndcg@10", "se/item/ndcg@10", "se/item/hit@10", "clusters")
+    s1, _ = assert_same_training(runs / "w1_k3", runs / "w2_k3", 2 * K, SHAPES[TW][1], keys=keys)
+    v = s1["validation"][-1]
+    model, cfg, _, _ = load_model_from_checkpoint(runs / "w2_k3" / "best", device="cpu")
+    users, hist, target = validation_rows(cfg)
+    assert len(np.unique(users)) == v["clusters"] < len(users) == SHAPES[TW][1]  # some user has several rows
+    pu = evaluate_arrays(model, hist, target, beam_size=cfg.eval.beam_size, batch_size=3)["per_user"]
+    se = clustered_standard_errors(per_user_metrics(pu["P"], pu["G"], pu["found"], pu["sid_rank"]), users)
+    assert v["se/item/hit@10"] == pytest.approx(se["se/item/hit@10"], abs=1e-12)
 
 
 def test_zero3_partitions_the_tied_item_table(runs):

@@ -108,3 +108,25 @@ def test_empty_and_errors():
     b = MetricSums.from_arrays([0], [1], [True], [1], ks=(10,))
     with pytest.raises(ValueError):
         a.merge(b)
+
+
+def test_clustered_standard_errors():
+    """One row per group: the usual standard error; correlated rows of one group widen it (the sandwich formula,
+    checked by hand); with_clustered_se leaves one-row-per-user means untouched."""
+    from comeir_dist.eval.metrics import clustered_standard_errors, with_clustered_se
+
+    rng = np.random.default_rng(0)
+    x = rng.random(50)
+    usual = MetricSums(sums={"m": float(x.sum())}, count=50, sumsq={"m": float((x * x).sum())}).standard_errors()
+    assert clustered_standard_errors({"m": x}, np.arange(50))["se/m"] == pytest.approx(usual["se/m"], rel=1e-12)
+    y, groups = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0]), np.array([7, 7, 3, 3, 5, 9])
+    d = y - y.mean()
+    by_hand = np.sqrt(4 / 3 * ((d[0] + d[1]) ** 2 + (d[2] + d[3]) ** 2 + d[4] ** 2 + d[5] ** 2) / 36)
+    assert clustered_standard_errors({"m": y}, groups)["se/m"] == pytest.approx(by_hand, rel=1e-12)
+    assert by_hand > clustered_standard_errors({"m": y}, np.arange(6))["se/m"]  # identical pairs: wider
+    ranked = (np.array([0, 20, 1]), np.ones(3, int), np.array([True, False, True]), np.array([1, 0, 2]))
+    means = compute_metrics(*ranked)
+    assert with_clustered_se(means, np.array([1, 2, 3]), ranked) is means
+    clustered = with_clustered_se(means, np.array([1, 1, 3]), ranked)
+    assert clustered["clusters"] == 2 and clustered["item/ndcg@10"] == means["item/ndcg@10"]
+    assert clustered["se/item/ndcg@10"] != means["se/item/ndcg@10"]
