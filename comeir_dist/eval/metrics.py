@@ -196,9 +196,8 @@ def clustered_standard_errors(values: Mapping[str, np.ndarray], groups) -> Dict[
     """``se/<metric>`` of each mean over rows when rows come in correlated groups (several validation targets of
     one user): the cluster-robust (sandwich) variance G/(G-1) * sum_g (sum_{i in g} (x_i - mean))^2 / N^2 over the
     G groups. With one row per group it equals :meth:`MetricSums.standard_errors` (sample variance / N)."""
-    g = np.asarray(groups)
-    _, inverse = np.unique(g, return_inverse=True)
-    n_groups, n = int(inverse.max()) + 1 if len(g) else 0, len(g)
+    uniques, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups, n = len(uniques), len(inverse)
     if n_groups < 2:
         return {}
     out = {}
