@@ -10,7 +10,8 @@ Exit status 0, or 2 with one line on a bad flag, a missing dataset / SIDs, or a 
 files, parameters chosen on validation, reported on test; see :mod:`comeir_dist.analysis.ensemble`.
 
 ``comeir analyze paired --runs A B [--dataset DIR] [--split test] [--metric item/ndcg@10]``: A minus B over the
-users both answered, with the paired standard error (:mod:`comeir_dist.analysis.paired`); a run named
+users both answered, with the paired standard error (:mod:`comeir_dist.analysis.paired`; ``NAME=P1,P2,P3``
+averages each user's value over several runs first); a run named
 ``popular`` is the most-popular baseline of ``--dataset``.
 
 ``comeir analyze keys --config FILE [--dataset DIR] [--set KEY=VALUE ...] [--out FILE.json]``: occupancy and
@@ -101,7 +102,8 @@ def add_paired_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--runs", nargs=2, required=True, metavar="[NAME=]PATH",
                    help="the two runs, A then B: run dirs with <split>.users.parquet, *.users.parquet files or "
-                        f"experiment result files; '{POPULAR_RUN}' = the most-popular baseline of --dataset")
+                        f"experiment result files; '{POPULAR_RUN}' = the most-popular baseline of --dataset; "
+                        "NAME=PATH,PATH,... = each user's value averaged over several runs (the seeds of a variant)")
     p.add_argument("--dataset", help=f"prepared dataset dir (needed for '{POPULAR_RUN}')")
     p.add_argument("--split", choices=("valid", "test"), default="test", help="default test")
     p.add_argument("--metric", choices=METRICS, default=METRIC, help=f"default {METRIC}")
@@ -110,7 +112,7 @@ def add_paired_flags(p: argparse.ArgumentParser) -> None:
 
 def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
     """``(name, user_idx, values)`` of one side of ``comeir analyze paired``."""
-    from comeir_dist.analysis.paired import users_file_values
+    from comeir_dist.analysis.paired import seed_average, users_file_values
     from comeir_dist.analysis.runs import resolve_runs
     from comeir_dist.errors import UserError
 
@@ -122,10 +124,18 @@ def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
             raise UserError(f"--runs {POPULAR_RUN}: the baseline needs --dataset DIR (the runs' dataset)")
         check_dataset_dir(args.dataset)
         return (POPULAR_RUN, *popular_per_user(args.dataset, args.split, args.metric))
-    run = resolve_runs([spec])[0]
-    if args.split not in run.files:
-        raise UserError(f"--runs {spec}: no {args.split} per-user results (has {', '.join(sorted(run.files))})")
-    return (run.name, *users_file_values(run.files[args.split], args.metric))
+    name, sep, paths = spec.partition("=")
+    if not sep or "/" in name or not name:
+        name, paths = "", spec
+    sides = []
+    for path in paths.split(","):
+        run = resolve_runs([path])[0]
+        if args.split not in run.files:
+            raise UserError(f"--runs {path}: no {args.split} per-user results (has {', '.join(sorted(run.files))})")
+        sides.append((run.name, *users_file_values(run.files[args.split], args.metric)))
+    if len(sides) == 1:
+        return (name or sides[0][0], *sides[0][1:])
+    return (name or "+".join(s[0] for s in sides), *seed_average(sides))
 
 
 def run_paired_cli(args: argparse.Namespace) -> int:

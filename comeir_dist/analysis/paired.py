@@ -66,6 +66,17 @@ def align(users_a: np.ndarray, a: np.ndarray, users_b: np.ndarray, b: np.ndarray
     return np.asarray(a)[oa], np.asarray(b)[ob]
 
 
+def seed_average(sides: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """``(user_idx, values)``: each user's value averaged over several runs ``[(name, user_idx, values), ...]``
+    of the same users (the seeds of one variant). The paired difference of such averages judges the variant on
+    these users with its seed-to-seed training noise averaged out; its standard error is over the users (the
+    evaluated models are taken as given), so it does not say how a fourth seed would land."""
+    name0, u0, _ = sides[0]
+    order = np.argsort(np.asarray(u0), kind="stable")
+    vals = [align(u0, np.zeros(len(u0)), u, v, name0, name)[1] for name, u, v in sides]
+    return np.asarray(u0)[order], np.mean(vals, axis=0)
+
+
 def users_file_values(path: Path, metric: str = METRIC) -> tuple[np.ndarray, np.ndarray]:
     """``(user_idx, values)`` of ``metric`` from a run's ``*.users.parquet``."""
     import pyarrow.parquet as pq

@@ -84,3 +84,14 @@ def test_analyze_paired_cli(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["b_better"] == 0
     assert main(["analyze", "paired", "--runs", str(a), "popular"]) == 2
     assert "--dataset" in capsys.readouterr().err
+    # NAME=P1,P2: each user's value averaged over the runs (seeds) first, users aligned across them
+    c = tmp_path / "c"
+    c.mkdir()
+    _users_file(c / "test.users.parquet", users[::-1], targets[::-1], [0 if u % 2 else 10 for u in users[::-1]])
+    assert main(["analyze", "paired", "--runs", f"ac={a},{c}", str(b), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = np.array([1.0 if u % 2 else 0.5 for u in sorted(users)])
+    assert out["a"] == "ac" and out["mean_a"] == pytest.approx(want.mean()) and out["users"] == len(users)
+    assert out["se"] == pytest.approx(want.std(ddof=1) / math.sqrt(len(users)))
+    assert main(["analyze", "paired", "--runs", f"{a},{tmp_path / 'nope'}", str(b)]) == 2
+    assert "not found" in capsys.readouterr().err
