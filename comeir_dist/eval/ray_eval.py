@@ -128,7 +128,7 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
     ``save_top``: also write ``<out>.top.parquet`` (see :mod:`comeir_dist.eval.run_eval`).
     """
     from comeir_dist.eval.run_eval import TOP_SUFFIX, USERS_TOP, check_save_top, search_width, top_info, write_top
-    from comeir_dist.eval.metrics import MetricSums
+    from comeir_dist.eval.metrics import MetricSums, with_clustered_se
     from comeir_dist.orchestration.ray_session import ray_session
     from comeir_dist.train.archive_samples import run_split_samples
     from comeir_dist.utils.atomic import write_json
@@ -193,10 +193,12 @@ def evaluate_with_ray(checkpoint: str, split: str = "test", out: Optional[str] =
     per_user = {k: (np.concatenate([r["per_user"][k] for r in results]) if results else np.zeros(0, np.int64))
                 for k in ("P", "G", "found", "sid_rank")}
     compute_s = sum(r["elapsed_s"] for r in results)
+    metrics = with_clustered_se(sums.means(), users, tuple(per_user[k] for k in ("P", "G", "found", "sid_rank")),
+                                cfg.eval.ks)  # several validation targets per user: errors clustered by user
     report = {"checkpoint": str(ckpt), "split": split, "variant": cfg.model.variant, "step": meta["step"],
-              "beam_size": beam, "metrics": sums.means(), "ms_per_user": 1000 * compute_s / max(1, n),
+              "beam_size": beam, "ms_per_user": 1000 * compute_s / max(1, n),
               "wall_time_s": time.time() - t0, "dataset": cfg.dataset,
-              "workers": [{"users": [a0, a1], "elapsed_s": r["elapsed_s"], "load_s": r["load_s"],
+              "metrics": metrics, "workers": [{"users": [a0, a1], "elapsed_s": r["elapsed_s"], "load_s": r["load_s"],
                            "num_threads": r["num_threads"]} for (a0, a1), r in zip(slices, results)]}
     if out:
         out_path = Path(out)

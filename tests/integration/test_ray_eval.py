@@ -89,3 +89,13 @@ def test_max_users(checkpoint, ray_local):
     assert rep["metrics"]["users"] == 10
     assert [w["users"] for w in rep["workers"]] == [[0, 8], [8, 10]]
     assert np.isfinite(rep["ms_per_user"])
+
+
+def test_ray_workers_cluster_errors_of_several_validation_targets(checkpoint, ray_local, tmp_path):
+    """A valid split with 3 targets per user (`prepare --valid-targets 3`, same items and SIDs): Ray workers give
+    the single process's metrics, standard errors clustered by user included."""
+    ds3 = make_tiny_dataset(tmp_path / "k3", n_users=40, n_items=40, valid_targets=3)
+    single = run_evaluate(str(checkpoint), "valid", dataset=str(ds3), batch_size=8)
+    sharded = evaluate_with_ray(str(checkpoint), "valid", dataset=str(ds3), num_workers=2, batch_size=8)
+    assert (single["metrics"]["users"], single["metrics"]["clusters"]) == (120, 40)
+    assert sharded["metrics"] == single["metrics"]
