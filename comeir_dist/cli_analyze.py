@@ -113,7 +113,7 @@ def add_paired_flags(p: argparse.ArgumentParser) -> None:
 def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
     """``(name, user_idx, values)`` of one side of ``comeir analyze paired``."""
     from comeir_dist.analysis.paired import seed_average, users_file_values
-    from comeir_dist.analysis.runs import resolve_runs
+    from comeir_dist.analysis.runs import resolve_runs, split_name
     from comeir_dist.errors import UserError
 
     if spec == POPULAR_RUN:
@@ -124,9 +124,7 @@ def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
             raise UserError(f"--runs {POPULAR_RUN}: the baseline needs --dataset DIR (the runs' dataset)")
         check_dataset_dir(args.dataset)
         return (POPULAR_RUN, *popular_per_user(args.dataset, args.split, args.metric))
-    name, sep, paths = spec.partition("=")
-    if not sep or "/" in name or not name:
-        name, paths = "", spec
+    name, paths = split_name(spec)
     sides = []
     for path in paths.split(","):
         run = resolve_runs([path])[0]

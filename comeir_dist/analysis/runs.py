@@ -90,15 +90,21 @@ def _is_experiment_root(p: Path) -> bool:
     return (p / "results").is_dir() or (p / "results.json").is_file()
 
 
+def split_name(spec: str) -> tuple[str, str]:
+    """``("NAME", "PATH")`` of ``NAME=PATH``; ``("", spec)`` when there is no name (or the '=' is in a path)."""
+    name, sep, raw = spec.partition("=")
+    if not sep or "/" in name or not name:
+        return "", spec
+    return name, raw
+
+
 def resolve_runs(specs: List[str]) -> List[RunSpec]:
     """``[NAME=]PATH`` items of ``--runs``: a run dir, a ``*.users.parquet`` file, an experiment result file
     (``<exp>/results/<label>-seed<N>.json``: its run dir ``<exp>/<label>-seed<N>``) or an experiment dir
     (every run dir in it that holds per-user results). One line naming the path when there are none."""
     out: List[RunSpec] = []
     for spec in specs:
-        name, sep, raw = spec.partition("=")
-        if not sep or "/" in name or not name:
-            name, raw = "", spec
+        name, raw = split_name(spec)
         p = Path(raw)
         if p.is_file() and p.name.endswith(USERS_SUFFIX):
             out.append(RunSpec(name or p.parent.name, str(p), {_split_of(p): p}))

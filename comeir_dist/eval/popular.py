@@ -1,6 +1,7 @@
 """Most-popular-unseen-items baseline: every user gets the items most frequent in the training sequences
-(train.parquet: each user's items before the validation target(s)), skipping items already in the user's full history. A floor every
-trained model must clear by a clear margin; ranked with the same item-level metrics (``G = 1``)."""
+(train.parquet: each user's items before the validation target(s)), skipping items already in the user's full
+history. A floor every trained model must clear by a clear margin; ranked with the same item-level metrics
+(``G = 1``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,8 @@ def popular_metrics(cfg: RunConfig, split: str, depth: int | None = None) -> dic
     """Metric means (+ standard errors) of the baseline on ``split`` (valid / test), over all its users."""
     depth = depth or max(max(cfg.eval.ks), cfg.eval.beam_size)
     users, rank = popular_ranks(cfg.dataset, split, depth)
-    return with_clustered_se(MetricSums.from_arrays(*_ranked(rank, depth), cfg.eval.ks).means(), users,
-                             _ranked(rank, depth), cfg.eval.ks)
+    ranked = _ranked(rank, depth)
+    return with_clustered_se(MetricSums.from_arrays(*ranked, cfg.eval.ks).means(), users, ranked, cfg.eval.ks)
 
 
 def popular_per_user(dataset: str, split: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
