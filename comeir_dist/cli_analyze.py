@@ -18,6 +18,10 @@ averages each user's value over several runs first); a run named
 private-row share of every Engram table on the dataset's training sequences; see
 :mod:`comeir_dist.analysis.key_tables`.
 
+``comeir analyze positions --dataset DIR --runs [NAME=]RUN[,RUN...] ... [--no-test] [--out FILE.json]``: a metric by
+how far each validation target sits from the test item, for the runs and the most-popular baseline; see
+:mod:`comeir_dist.analysis.positions`.
+
 ``comeir analyze merge --checkpoint RUN/best [--split test] [--users 2048] [--out FILE.json]``: the Eq. 7 merge gate
 and the encoder's memory term against s^0, per level; see :mod:`comeir_dist.analysis.merge_gate`.
 """
@@ -191,6 +195,38 @@ def run_merge_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_positions_flags(p: argparse.ArgumentParser) -> None:
+    from comeir_dist.analysis.paired import METRIC
+    from comeir_dist.analysis.runs import METRICS
+
+    p.add_argument("--dataset", required=True, help="the runs' prepared dataset dir (its validation targets)")
+    p.add_argument("--runs", nargs="+", default=[], metavar="[NAME=]PATH[,PATH...]",
+                   help="run dirs with valid.users.parquet (from `comeir evaluate --split valid --out RUN/valid.json`) "
+                        "and test.users.parquet, or those files; PATH,PATH,... = each row averaged over the runs")
+    p.add_argument("--metric", choices=METRICS, default=METRIC, help=f"default {METRIC}")
+    p.add_argument("--no-test", dest="with_test", action="store_false", help="validation positions only")
+    p.add_argument("--out", help="also write FILE.json")
+
+
+def run_positions_cli(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from comeir_dist.analysis.positions import as_dicts, format_positions, run_positions
+    from comeir_dist.data.dataset import check_dataset_dir
+    from comeir_dist.utils.atomic import write_json
+    from comeir_dist.utils.output_guard import check_out_file
+
+    if args.out:
+        check_out_file(Path(args.out))
+    check_dataset_dir(args.dataset)
+    table = run_positions(args.dataset, args.runs, args.metric, args.with_test)
+    print(format_positions(table, args.metric))
+    if args.out:
+        write_json(Path(args.out), {"dataset": args.dataset, "metric": args.metric,
+                                    "runs": {name: as_dicts(means) for name, means in table.items()}})
+    return 0
+
+
 def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     from comeir_dist.cli import command
 
@@ -212,6 +248,9 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("merge", help="how open ComeIR's merge gate (Eq. 7) is on real histories and how large the "
                         "encoder's memory term is against s^0, per level, from a trained checkpoint")
     add_merge_flags(q)
+    q = asub.add_parser("positions", help="a metric by how far each validation target sits from the test item "
+                        "(prepare --valid-targets K), for runs and the most-popular baseline")
+    add_positions_flags(q)
 
     @command("analyze")
     def _analyze(args) -> int:
@@ -225,4 +264,6 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
             return run_keys_cli(args)
         if args.analyze_cmd == "merge":
             return run_merge_cli(args)
+        if args.analyze_cmd == "positions":
+            return run_positions_cli(args)
         raise AssertionError(args.analyze_cmd)
