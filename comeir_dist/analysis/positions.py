@@ -92,7 +92,7 @@ def as_dicts(means: list[PositionMean]) -> list[dict]:
 def format_positions(table: dict[str, list[PositionMean]], metric: str) -> str:
     """A text table: one line per run, one column per position (mean ± s.e.)."""
     cols = sorted({m.before_test for means in table.values() for m in means}, reverse=True)
-    head = ["run"] + [f"test" if d == 0 else f"{d} before test" for d in cols]
+    head = ["run"] + ["test" if d == 0 else f"{d} before test" for d in cols]
     lines = [f"{metric} by position (validation targets oldest first; rows per position in brackets)",
              " | ".join(head)]
     for name, means in table.items():
