@@ -102,13 +102,13 @@ def format_positions(table: dict[str, list[PositionMean]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def _run_values(path: str, split: str, metric: str, ds: tuple) -> np.ndarray:
-    """Per-row ``metric`` of one run on ``split``, laid out on the dataset's rows (NaN where not answered)."""
-    from comeir_dist.analysis.runs import METRICS, load_results, resolve_runs
+def _run_values(run, split: str, metric: str, ds: tuple) -> np.ndarray:
+    """Per-row ``metric`` of one run (a resolved ``RunSpec``) on ``split``, laid out on the dataset's rows (NaN
+    where not answered)."""
+    from comeir_dist.analysis.runs import METRICS, load_results
 
-    run = resolve_runs([path])[0]
     if split not in run.files:
-        raise UserError(f"--runs {path}: no {split} per-user results (has {', '.join(sorted(run.files)) or 'none'}); "
+        raise UserError(f"--runs {run.source}: no {split} per-user results (has {', '.join(sorted(run.files)) or 'none'}); "
                         f"write them with `comeir evaluate --checkpoint RUN/best --split {split} --out RUN/{split}.json`")
     res = load_results(run, split)
     if res.user_idx is None or res.target is None:
@@ -123,7 +123,7 @@ def run_positions(dataset: str, specs: list[str], metric: str, with_test: bool =
     """``{name: [PositionMean ...]}`` for the most-popular baseline of ``dataset`` and every ``[NAME=]PATH[,PATH...]``
     of ``specs`` (several paths: each row's value averaged over them, e.g. a variant's seeds; they must answer the
     same rows). Positions come from the dataset's validation split, plus its test split when ``with_test``."""
-    from comeir_dist.analysis.runs import split_name
+    from comeir_dist.analysis.runs import resolve_runs, split_name
     from comeir_dist.eval.popular import popular_per_user
 
     splits = ("valid", "test") if with_test else ("valid",)
@@ -136,9 +136,10 @@ def run_positions(dataset: str, specs: list[str], metric: str, with_test: bool =
         name = name or "+".join(p.rstrip("/").rsplit("/", 1)[-1] for p in paths_list)
         if name in table:
             raise UserError(f"--runs: more than one run named {name}; name them NAME=PATH")
+        runs = [resolve_runs([p])[0] for p in paths_list]  # one by one: runs of two experiments may share a name
         means = []
         for s in splits:
-            per_run = np.stack([_run_values(p, s, metric, ds[s]) for p in paths_list])
+            per_run = np.stack([_run_values(r, s, metric, ds[s]) for r in runs])
             answered = ~np.isnan(per_run)
             if (answered != answered[0]).any():
                 raise UserError(f"--runs {spec}: its runs answered different {s} rows; average runs of one dataset")
