@@ -22,7 +22,7 @@ def add_recipe_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--base", default=None, help=f"config whose other settings are kept (default: {DEFAULT_BASE} "
                    "when it exists, else the built-in defaults of the fair protocol)")
     p.add_argument("--history-cap", dest="history_cap", type=int, default=None,
-                   help="largest max_history the recipe may choose (default 20; 50 up to round 25)")
+                   help="largest max_history the recipe may choose (default 50)")
     p.add_argument("--experiment-out", dest="experiment_out", default=None,
                    help="the config's `out` (default runs/experiment/<dataset dir name>_recipe)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -6,11 +6,8 @@ module derives them from the numbers a dataset has -- training samples, users, t
 histories -- with one stated rule per setting, so a user's first run on their own data is sized for that data:
 
 * ``max_history``: the history length that covers ``HISTORY_QUANTILE`` of the users' full test histories,
-  rounded up to 10, at least ``HISTORY_FLOOR``, at most ``history_cap`` (default 20; longer pasts are the
-  preference memory's job, ``model.pref_memory``). Why 20 (round 26, MovieLens, 3 seeds each, README *The recent
-  20 items on MovieLens*): the last 20 items against the last 50, test NDCG@10 tm 0.0363 vs 0.0325, flatten 0.0353
-  vs 0.0296, at half the training time; sasrec on the last 20 items 0.0426 vs 0.0279 on the full history. Round 6
-  to 25 capped at 50 (``--history-cap 50`` reproduces those configs).
+  rounded up to 10, at least ``HISTORY_FLOOR``, at most ``history_cap`` (default 50: flatten feeds 3 tokens per
+  item, so its input grows 3x; longer pasts are the preference memory's job, ``model.pref_memory``).
 * ``model.backbone.max_positions``: flatten's ``L * max_history + L + 1`` plus L NEZHA placeholders, rounded up
   to 32 (rotary positions: no parameters depend on it).
 * ``train.batch_size``: the largest power of two <= 256 that still gives ``MIN_STEPS_PER_EPOCH`` optimizer
@@ -63,7 +60,7 @@ from comeir_dist.errors import UserError
 
 HISTORY_QUANTILE = 0.95
 HISTORY_FLOOR = 20
-HISTORY_CAP = 20  # round 26; 50 before (README: the recent 20 items on MovieLens)
+HISTORY_CAP = 50
 MIN_STEPS_PER_EPOCH = 100
 BASE_BATCH, BASE_LR = 256, 2e-3
 MIN_BATCH = 16

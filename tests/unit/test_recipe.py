@@ -42,10 +42,8 @@ def test_bundled_data_profile_reproduces_the_hand_set_experiment_config():
 def test_long_histories_are_capped_and_positions_follow():
     long = replace(SCIENTIFIC, history_p50=70, history_p95=900.0, history_max=2698, train_samples=88444)
     cfg, _ = derive_recipe(long, BASE)
-    assert cfg["max_history"] == 20 and cfg["model"]["backbone"]["max_positions"] == 96  # the default cap
-    assert cfg["train"]["warmup_steps"] == 140  # 0.4 x 345 steps
-    cfg, _ = derive_recipe(long, BASE, history_cap=50)  # the cap of rounds 6-25
     assert cfg["max_history"] == 50 and cfg["model"]["backbone"]["max_positions"] == 160
+    assert cfg["train"]["warmup_steps"] == 140  # 0.4 x 345 steps
     cfg, _ = derive_recipe(long, BASE, history_cap=100)
     assert cfg["max_history"] == 100 and cfg["model"]["backbone"]["max_positions"] == 320
     for variant in ("flatten", "tm", "comeir"):
@@ -68,14 +66,10 @@ def test_small_data_gets_smaller_batches_scaled_rate_and_epoch_validation():
 def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
     movielens = replace(SCIENTIFIC, users=610, valid_users=610, valid_targets=610, train_samples=88444,
                         history_p95=900.0, train_lengths=MOVIELENS_LENGTHS)
-    # history cap 50 (rounds 6-25): 2,072 windows of 42.7 targets: 6 windows carry a prefix batch's 256 targets,
-    # 345 steps per epoch as on prefixes
-    t50 = derive_recipe(movielens, BASE, history_cap=50)[0]["train"]
-    assert movielens.windows(50) == 2072 and (t50["sequence_batch_size"], t50["sequence_warmup_steps"]) == (6, 140)
     cfg, why = derive_recipe(movielens, BASE)
     t = cfg["train"]
-    # the default cap 20: 110 x 23 + 194 x 10 + 306 x 3 = 5,388 windows of 16.4 targets -> 16 windows per step
-    assert movielens.windows(20) == 5388 and (t["sequence_batch_size"], t["sequence_warmup_steps"]) == (16, 130)
+    # 2,072 windows of 42.7 targets: 6 windows carry a prefix batch's 256 targets, 345 steps per epoch as on prefixes
+    assert movielens.windows(50) == 2072 and (t["sequence_batch_size"], t["sequence_warmup_steps"]) == (6, 140)
     assert t["warmup_steps"] == 140
     assert (t["lr_schedule"], t["eval_every_epochs"], t["patience"], t["max_epochs"]) == ("constant", 1.0, 6, 60)
     assert any("610 validation users" in line for line in why)
