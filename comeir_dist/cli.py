@@ -76,6 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-history", dest="max_history", type=int)
     p.add_argument("--valid-targets", dest="valid_targets", type=int,
                    help="validation targets per user (default 1 = leave-one-out; see `comeir recipe` for few-user data)")
+    p.add_argument("--test-targets", dest="test_targets", type=int,
+                   help="test targets per user: the last K items (default 1 = leave-one-out; for few-user data)")
     add_overwrite_flag(p, "; with changed inputs, the dataset's stale embeddings/SIDs are deleted")
 
     p = sub.add_parser("embed", help="item text -> item_emb.parquet with a sentence encoder (Ray tasks)")
@@ -130,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 PREPARE_FLAGS = {"input": "prepare.input", "items": "prepare.items", "out": "prepare.out",
                  "k_core": "prepare.k_core", "max_history": "prepare.max_history",
-                 "valid_targets": "prepare.valid_targets"}
+                 "valid_targets": "prepare.valid_targets", "test_targets": "prepare.test_targets"}
 EMBED_FLAGS = {"model": "embed.model", "max_chars": "embed.max_chars", "num_shards": "embed.num_shards",
                "ray_address": "ray_address", "ray_num_cpus": "ray_num_cpus"}
 QUANT_FLAGS = {"method": "quantize.method", "levels": "quantize.levels", "codebook_size": "quantize.codebook_size",

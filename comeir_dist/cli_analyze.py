@@ -146,14 +146,15 @@ def run_paired_cli(args: argparse.Namespace) -> int:
     from comeir_dist.analysis.paired import align, paired_difference
 
     (na, ua, va), (nb, ub, vb) = (_paired_side(s, args) for s in args.runs)
-    a, b = align(ua, va, ub, vb, na, nb)
-    res = paired_difference(a, b, args.metric)
+    users, a, b = align(ua, va, ub, vb, na, nb)
+    res = paired_difference(a, b, args.metric, users)
     if args.json:
         print(json.dumps({"a": na, "b": nb, "split": args.split, **res.as_dict()}, indent=2))
     else:
-        print(f"{args.split} {res.metric} over {res.users} users: {na} {res.mean_a:.4f}, {nb} {res.mean_b:.4f}; "
+        rows = f" ({res.rows} rows, s.e. clustered by user)" if res.rows else ""
+        print(f"{args.split} {res.metric} over {res.users} users{rows}: {na} {res.mean_a:.4f}, {nb} {res.mean_b:.4f}; "
               f"{na} - {nb} = {res.diff:+.4f} ± {res.se:.4f} (paired s.e., {res.z:+.1f} s.e.); better for "
-              f"{res.a_better} / {res.b_better} users")
+              f"{res.a_better} / {res.b_better} {'rows' if res.rows else 'users'}")
     return 0
 
 

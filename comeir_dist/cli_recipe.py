@@ -53,7 +53,7 @@ def run_recipe_cli(args: argparse.Namespace) -> int:
     from comeir_dist.cli_model import parse_sets
     from comeir_dist.config.base import parse_section
     from comeir_dist.config.recipe import (HISTORY_CAP, dataset_profile, derive_recipe, recipe_text,
-                                           valid_targets_note, write_recipe)
+                                           held_out_note, write_recipe)
     from comeir_dist.config.run import RunConfig
 
     base, base_name = _base_config(args.base)
@@ -70,7 +70,7 @@ def run_recipe_cli(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     for line in why:
         print("  " + line)
-    note = valid_targets_note(profile)
+    note = held_out_note(profile)
     if note:
         print("note: " + note)
     return 0

@@ -21,6 +21,11 @@ class PrepareConfig(Section):
         "at least one training transition stays); "
         "training keeps the items before them. 1 = leave-one-out. More than 1 is for data with few users and long "
         "histories, where one target per user leaves checkpoint selection noisy (`comeir recipe` says when).")
+    test_targets: int = Field(1, ge=1, le=100, description="Test targets per user: the user's last K items, each "
+        "with all items before it as history (a user with n items gets min(K, max(1, n - 3))); the validation "
+        "targets come before them. 1 = leave-one-out. More than 1 is for data with few users, where one test target "
+        "per user leaves a standard error too large to tell variants (or a variant and the most-popular baseline) "
+        "apart; test standard errors are then clustered by user (`comeir recipe` says when).")
 
 
 class EmbedConfig(Section):

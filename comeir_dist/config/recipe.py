@@ -41,6 +41,10 @@ histories -- with one stated rule per setting, so a user's first run on their ow
   validation targets the recipe says so and names ``comeir prepare --valid-targets K`` with K =
   ceil(2000 / users), at most ``MAX_VALID_TARGETS`` (MovieLens: 4). The schedule rule above still counts distinct
   users: the targets of one user are correlated, and the constant-rate rule was measured per user.
+* Test targets (likewise the split): with fewer than ``NOISY_VALIDATION_USERS`` test targets the recipe names
+  ``comeir prepare --test-targets K`` (the same K rule): one test item per user leaves a standard error (~0.006
+  NDCG@10 on MovieLens' 610 users) as large as the differences a table should decide; K per user, with standard
+  errors clustered by user, shrinks it (README *Four test targets per user on MovieLens*).
 * The model (backbone, Engram sizes) stays the CPU experiment's: on the bundled data 4x larger tables (the
   paper's s_S 1, s_T 2, d_m 256) did not change test NDCG@10 (README); check the tables against the data's
   keys with ``comeir analyze keys --config THE_RECIPE.yaml`` (occupancy, private rows).
@@ -87,6 +91,7 @@ class DatasetProfile:
     sid_method: str
     # items per user in train.parquet (the all-position windows are counted from them); not printed
     train_lengths: tuple[int, ...] = field(default=(), repr=False)
+    test_targets: int = field(default=0, repr=False)  # rows of test.parquet (``--test-targets K``)
 
     def windows(self, width: int) -> int:
         """All-position training windows at ``max_history = width`` (train/sequence_samples.py, one segment)."""
@@ -104,7 +109,8 @@ def _sid_method(dataset_dir: Path) -> str:
 
 
 def dataset_profile(dataset_dir: str | Path) -> DatasetProfile:
-    """Users, items, training samples and the distribution of full test-history lengths of a prepared dataset."""
+    """Users, items, training samples and the distribution of users' full histories (each user's last test row)
+    of a prepared dataset."""
     import pyarrow.compute as pc
 
     from comeir_dist.data.dataset import read_split, read_stats
@@ -114,7 +120,7 @@ def dataset_profile(dataset_dir: str | Path) -> DatasetProfile:
     test = read_split(dataset_dir, "test")
     if test.num_rows == 0:
         raise UserError(f"{dataset_dir}/test.parquet: no users")
-    lengths = pc.list_value_length(test.column("history")).to_numpy(zero_copy_only=False)
+    lengths = _last_history_lengths(test)
     train_items = pc.list_value_length(read_split(dataset_dir, "train").column("items")).to_numpy(zero_copy_only=False)
     valid = read_split(dataset_dir, "valid")
     return DatasetProfile(dataset=str(dataset_dir), users=int(stats["users"]), items=int(stats["items"]),
@@ -123,26 +129,51 @@ def dataset_profile(dataset_dir: str | Path) -> DatasetProfile:
                           history_p50=float(np.percentile(lengths, 50)),
                           history_p95=float(np.percentile(lengths, 100 * HISTORY_QUANTILE)),
                           history_max=int(lengths.max()), sid_method=_sid_method(Path(dataset_dir)),
-                          train_lengths=tuple(int(n) for n in train_items))
+                          train_lengths=tuple(int(n) for n in train_items), test_targets=test.num_rows)
+
+
+def _last_history_lengths(test) -> np.ndarray:
+    """History length of each user's last test row (its full history; ``--test-targets K`` gives K rows)."""
+    import pyarrow.compute as pc
+
+    users = test.column("user_idx").to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(test.column("history")).to_numpy(zero_copy_only=False).astype(np.int64)
+    longest = np.full(int(users.max()) + 1, -1, np.int64)
+    np.maximum.at(longest, users, lengths)
+    return longest[longest >= 0]
+
+
+def _targets_per_user(rows: int, users: int) -> int | None:
+    """Targets per user that would give >= NOISY_VALIDATION_USERS rows (at most MAX_VALID_TARGETS), when a split
+    has fewer rows than that and more than one per user would help; else None."""
+    if rows >= NOISY_VALIDATION_USERS or users == 0:
+        return None
+    k = min(MAX_VALID_TARGETS, math.ceil(NOISY_VALIDATION_USERS / users))
+    return k if k * users > rows else None
 
 
 def suggested_valid_targets(profile: DatasetProfile) -> int | None:
-    """Validation targets per user that would give >= NOISY_VALIDATION_USERS validation targets (at most
-    MAX_VALID_TARGETS), when the dataset has fewer targets than that and more than one would help; else None."""
-    if profile.valid_targets >= NOISY_VALIDATION_USERS or profile.valid_users == 0:
-        return None
-    k = min(MAX_VALID_TARGETS, math.ceil(NOISY_VALIDATION_USERS / profile.valid_users))
-    return k if k * profile.valid_users > profile.valid_targets else None
+    """``comeir prepare --valid-targets K`` for a dataset with few validation targets, else None."""
+    return _targets_per_user(profile.valid_targets, profile.valid_users)
 
 
-def valid_targets_note(profile: DatasetProfile) -> str | None:
-    """The advice printed and written when :func:`suggested_valid_targets` has one."""
-    k = suggested_valid_targets(profile)
-    if k is None:
+def suggested_test_targets(profile: DatasetProfile) -> int | None:
+    """``comeir prepare --test-targets K`` for a dataset with few test targets, else None (also when the profile
+    does not know its test rows)."""
+    return _targets_per_user(profile.test_targets, profile.users) if profile.test_targets else None
+
+
+def held_out_note(profile: DatasetProfile) -> str | None:
+    """The advice printed and written when :func:`suggested_valid_targets` or :func:`suggested_test_targets` has
+    one."""
+    kv, kt = suggested_valid_targets(profile), suggested_test_targets(profile)
+    if kv is None and kt is None:
         return None
-    return (f"only {profile.valid_targets:,} validation targets select the checkpoints; `comeir prepare ... "
-            f"--valid-targets {k}` on a copy of the dataset dir (its embeddings and SIDs stay: same items) "
-            f"gives {k} per user, {k * profile.valid_users:,} in all")
+    few = [f"{profile.valid_targets:,} validation targets select the checkpoints"] if kv else []
+    few += [f"{profile.test_targets:,} test targets measure the result"] if kt else []
+    flags = (f" --valid-targets {kv}" if kv else "") + (f" --test-targets {kt}" if kt else "")
+    return (f"only {' and '.join(few)}; `comeir prepare ...{flags}` on a copy of the dataset dir (its embeddings and "
+            f"SIDs stay: same items) gives more per user, with standard errors clustered by user")
 
 
 def _round_up(x: float, step: int) -> int:
@@ -231,7 +262,7 @@ def recipe_text(cfg: dict, why: list[str], profile: DatasetProfile, base_path: s
 
     head = [MARKER + f" from {profile.dataset} (base: {base_path}); the derived settings and why:"]
     head += [f"#   {line}" for line in why]
-    note = valid_targets_note(profile)
+    note = held_out_note(profile)
     if note:
         head.append(f"# NOTE: {note}")
     head += ["# everything else is the base config's (the fair protocol). Dataset profile:",

@@ -43,6 +43,8 @@ def input_fingerprint(cfg: PrepareConfig) -> str:
     params = {"format": FORMAT, "k_core": cfg.k_core, "max_history": cfg.max_history}
     if cfg.valid_targets != 1:  # absent at the default: datasets prepared before the option keep their fingerprint
         params["valid_targets"] = cfg.valid_targets
+    if cfg.test_targets != 1:
+        params["test_targets"] = cfg.test_targets
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for f in input_files(cfg):
         h.update(f"\0{f.name}\0".encode())

@@ -1,5 +1,5 @@
 """`comeir prepare`: raw data -> k-core filtered, remapped, leave-one-out Parquet dataset (optionally K validation
-targets per user, ``prepare.valid_targets``)."""
+and K' test targets per user, ``prepare.valid_targets`` / ``prepare.test_targets``)."""
 from __future__ import annotations
 
 import json
@@ -57,18 +57,31 @@ def _filter(raw: RawData, cfg: PrepareConfig) -> dict[str, list[str]]:
     return seqs
 
 
-def split_rows(mapped: list[list[int]], valid_targets: int) -> tuple[list, dict[str, list]]:
-    """(train sequences, valid columns) of users' item lists: the last item is the test target; the up to
-    ``valid_targets`` items before it are validation targets, oldest first, each with every item before it as
-    history; training keeps the items before the first one. A user keeps >= 2 training items (one transition)
-    when it has 4 or more, so extra targets never take a user's last training transition."""
-    train, valid = [], {"user_idx": [], "history": [], "target": []}
+def held_out_counts(length: int, valid_targets: int, test_targets: int = 1) -> tuple[int, int]:
+    """(validation, test) targets of a user with ``length`` items: up to ``test_targets`` last items, then up to
+    ``valid_targets`` before them; at least one of each, and a user with 4 or more items keeps >= 2 training items
+    (one transition), so extra targets never take a user's last training transition. With one test target this is
+    the rule ``min(K, max(1, n - 3))`` validation targets of the option's first version."""
+    k_test = min(test_targets, max(1, length - 3))
+    return min(valid_targets, max(1, length - 2 - k_test)), k_test
+
+
+def split_rows(mapped: list[list[int]], valid_targets: int, test_targets: int = 1) -> tuple[list, dict, dict]:
+    """(train sequences, valid columns, test columns) of users' item lists: the last ``test_targets`` items are
+    test targets and the ``valid_targets`` items before them validation targets (counts per user:
+    :func:`held_out_counts`), each row with every item before its target as history, oldest first within a user;
+    training keeps the items before the first validation target."""
+    train = []
+    valid = {"user_idx": [], "history": [], "target": []}
+    test = {"user_idx": [], "history": [], "target": []}
     for u, s in enumerate(mapped):
-        k = min(valid_targets, max(1, len(s) - 3))
-        train.append(s[:len(s) - 1 - k])
-        for pos in range(len(s) - 1 - k, len(s) - 1):
-            valid["user_idx"].append(u), valid["history"].append(s[:pos]), valid["target"].append(s[pos])
-    return train, valid
+        k_valid, k_test = held_out_counts(len(s), valid_targets, test_targets)
+        first_test = len(s) - k_test
+        train.append(s[:first_test - k_valid])
+        for pos in range(first_test - k_valid, len(s)):
+            cols = valid if pos < first_test else test
+            cols["user_idx"].append(u), cols["history"].append(s[:pos]), cols["target"].append(s[pos])
+    return train, valid, test
 
 
 def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table], dict]:
@@ -79,7 +92,7 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
     item_idx = {r: n for n, r in enumerate(item_ids)}
     mapped = [[item_idx[i] for i in seqs[u]] for u in users]
     uidx = list(range(len(users)))
-    train, valid = split_rows(mapped, cfg.valid_targets)
+    train, valid, test = split_rows(mapped, cfg.valid_targets, cfg.test_targets)
     items_cols = {"item_idx": list(range(len(item_ids))), "raw_id": item_ids}
     for f in ITEM_TEXT_FIELDS:
         items_cols[f] = [raw.items[r].get(f) for r in item_ids]
@@ -89,8 +102,7 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
         "sequences": pa.table({"user_idx": uidx, "items": mapped}, schema=SEQUENCES_SCHEMA),
         "train": pa.table({"user_idx": uidx, "items": train}, schema=SEQUENCES_SCHEMA),
         "valid": pa.table(valid, schema=SPLIT_SCHEMA),
-        "test": pa.table({"user_idx": uidx, "history": [s[:-1] for s in mapped], "target": [s[-1] for s in mapped]},
-                         schema=SPLIT_SCHEMA),
+        "test": pa.table(test, schema=SPLIT_SCHEMA),
     }
     lengths = [len(s) for s in mapped]
     stats = {
@@ -107,6 +119,7 @@ def build_tables(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, pa.Table],
         "mean_seq_len": round(sum(lengths) / len(lengths), 3),
         "valid_targets": cfg.valid_targets,
         "valid_rows": len(valid["target"]),
+        **({"test_targets": cfg.test_targets, "test_rows": len(test["target"])} if cfg.test_targets != 1 else {}),
         "train_samples": sum(max(0, len(s) - 1) for s in train),
         "source": raw.source,
     }
@@ -148,7 +161,8 @@ def run_prepare(cfg: PrepareConfig, overwrite: bool = False) -> Path:
             remove_artefacts(out, stale)
     write_marker(out, "dataset", fp, "comeir prepare", files=list(PREPARED_FILES),
                  params={"input": cfg.input, "items": cfg.items, "k_core": cfg.k_core,
-                         "max_history": cfg.max_history, "valid_targets": cfg.valid_targets})
+                         "max_history": cfg.max_history, "valid_targets": cfg.valid_targets,
+                         **({"test_targets": cfg.test_targets} if cfg.test_targets != 1 else {})})
     kept = derived_artefacts(out)
     log.info("prepared %s: %d users, %d items, %d interactions%s", out, stats["users"], stats["items"],
              stats["interactions"], f" (kept {', '.join(kept)})" if kept else "")

@@ -4,9 +4,11 @@ DIR/
   items.parquet       ITEMS_SCHEMA: item_idx (0..I-1), raw_id, title, description, brand, categories
   users.parquet       USERS_SCHEMA: user_idx (0..U-1), raw_id
   sequences.parquet   SEQUENCES_SCHEMA: user_idx, items (full time-ordered item_idx list, after k-core)
-  train.parquet       SEQUENCES_SCHEMA: user_idx, items = sequence minus the last two items
-  valid.parquet       SPLIT_SCHEMA: user_idx, history (all items before the target), target
-  test.parquet        SPLIT_SCHEMA: user_idx, history, target (the last item)
+  train.parquet       SEQUENCES_SCHEMA: user_idx, items = sequence minus the validation and test targets
+  valid.parquet       SPLIT_SCHEMA: user_idx, history (all items before the target), target (the item before the
+                      test item; with prepare.valid_targets K, up to K rows per user, oldest first)
+  test.parquet        SPLIT_SCHEMA: user_idx, history, target (the last item; with prepare.test_targets K, the
+                      last K items, one row each, oldest first)
   stats.json          {"users", "items", "interactions", "k_core", "max_history", "source", ...}
   item_emb.parquet    EMB: item_idx, embedding (fixed_size_list<float32>[d]); meta in item_emb.json
   sids/<method>/      codes.parquet (item_idx, codes list<int32>[L]), codebooks.npy (L, C, D),

@@ -31,11 +31,34 @@ def test_paired_standard_error_is_that_of_the_differences():
 
 
 def test_align_orders_users_and_refuses_different_users():
-    a, b = align(np.array([3, 1, 2]), np.array([0.3, 0.1, 0.2]), np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]),
-                 "A", "B")
-    assert a.tolist() == [0.1, 0.2, 0.3] and b.tolist() == [1.0, 2.0, 3.0]
+    u, a, b = align(np.array([3, 1, 2]), np.array([0.3, 0.1, 0.2]), np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]),
+                    "A", "B")
+    assert a.tolist() == [0.1, 0.2, 0.3] and b.tolist() == [1.0, 2.0, 3.0] and u.tolist() == [1, 2, 3]
     with pytest.raises(UserError, match="same users"):
         align(np.array([1, 2]), np.zeros(2), np.array([1, 4]), np.zeros(2), "A", "B")
+    with pytest.raises(UserError, match="same users and rows"):  # user 1 has two rows on one side only
+        align(np.array([1, 1, 2]), np.zeros(3), np.array([1, 2, 2]), np.zeros(3), "A", "B")
+
+
+def test_several_rows_per_user_pair_in_order_with_a_clustered_standard_error():
+    """--test-targets K: a user's n-th row pairs with its n-th row on the other side; the standard error is the
+    cluster-robust one over users (not the rows' plain one), and one row per user gives the plain one."""
+    from comeir_dist.eval.metrics import clustered_standard_errors
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(200), 4)
+    shared = np.repeat(rng.standard_normal(200), 4)  # a user effect in the difference: rows are correlated
+    d = 0.05 + shared + 0.5 * rng.standard_normal(800)
+    b = rng.random(800)
+    idx = np.concatenate([np.arange(4 * k, 4 * k + 4) for k in rng.permutation(200)])  # users shuffled, rows in order
+    u, a_al, b_al = align(users[idx], (b + d)[idx], users, b, "A", "B")
+    assert np.allclose(a_al - b_al, d) and (u == users).all()
+    p = paired_difference(a_al, b_al, groups=u)
+    assert (p.users, p.rows) == (200, 800) and p.diff == pytest.approx(d.mean())
+    assert p.se == pytest.approx(clustered_standard_errors({"d": d}, users)["se/d"])
+    assert p.se > 1.5 * d.std(ddof=1) / math.sqrt(800)  # correlated rows: the plain s.e. would overstate the evidence
+    one = paired_difference(d[:200], np.zeros(200), groups=np.arange(200))
+    assert one.rows == 0 and one.se == pytest.approx(d[:200].std(ddof=1) / math.sqrt(200))
 
 
 def _users_file(path, users, targets, P):

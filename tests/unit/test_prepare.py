@@ -62,11 +62,12 @@ def test_several_validation_targets_per_user(tmp_path):
     from comeir_dist.data.dataset_output import input_fingerprint
     from comeir_dist.data.prepare import split_rows
 
-    train, valid = split_rows([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 3)
+    train, valid, test = split_rows([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 3)
     assert train == [[1, 2], [7]]
     assert valid == {"user_idx": [0, 0, 0, 1], "history": [[1, 2], [1, 2, 3], [1, 2, 3, 4], [7]],
                      "target": [3, 4, 5, 8]}
-    assert split_rows([[1, 2, 3, 4]], 1) == ([[1, 2]], {"user_idx": [0], "history": [[1, 2]], "target": [3]})
+    assert test == {"user_idx": [0, 1], "history": [[1, 2, 3, 4, 5], [7, 8]], "target": [6, 9]}
+    assert split_rows([[1, 2, 3, 4]], 1)[:2] == ([[1, 2]], {"user_idx": [0], "history": [[1, 2]], "target": [3]})
     assert split_rows([[1, 2, 3, 4]], 5)[0] == [[1, 2]]
 
     inter, items = toy(n_items=8, seq_len=8)
@@ -93,6 +94,51 @@ def test_several_validation_targets_per_user(tmp_path):
     cfg = PrepareConfig(input=str(src), k_core=2)
     assert input_fingerprint(cfg) != input_fingerprint(PrepareConfig(input=str(src), k_core=2, valid_targets=4))
     assert json.loads((one / ".comeir-output.json").read_text())["fingerprint"] == input_fingerprint(cfg)
+
+
+def test_several_test_targets_per_user(tmp_path):
+    """--test-targets K: the last K items are test targets (fewer for short users), the validation targets come
+    before them, training keeps >= 2 items when the user has 4 or more; the default keeps the old fingerprint and
+    layout, and the test split's standard errors are clustered by user."""
+    from comeir_dist.data.dataset_output import input_fingerprint
+    from comeir_dist.data.prepare import held_out_counts, split_rows
+
+    train, valid, test = split_rows([list(range(10)), [20, 21, 22, 23, 24], [30, 31, 32]], 2, 3)
+    assert train == [[0, 1, 2, 3, 4], [20, 21], [30]]
+    assert valid["target"] == [5, 6, 22, 31] and valid["user_idx"] == [0, 0, 1, 2]  # user 1: 2 test, 1 valid, 2 train
+    assert test["target"] == [7, 8, 9, 23, 24, 32] and test["user_idx"] == [0, 0, 0, 1, 1, 2]
+    assert test["history"][:3] == [list(range(7)), list(range(8)), list(range(9))]
+    for n in range(3, 30):  # each user: >= 1 of each, >= 2 training items from 4 items on, nothing lost
+        for kv in (1, 2, 4):
+            for kt in (1, 3, 4):
+                v, t = held_out_counts(n, kv, kt)
+                assert 1 <= v <= kv and 1 <= t <= kt and n - v - t >= (2 if n >= 4 else 1)
+                if kt == 1:
+                    assert v == min(kv, max(1, n - 3))  # the --valid-targets rule of the first version
+
+    inter, items = toy(n_items=8, seq_len=8)
+    src = write_json_dataset(tmp_path / "raw", inter, items)
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "t3"), "--k-core", "2",
+                 "--valid-targets", "2", "--test-targets", "3"]) == 0
+    t3 = tmp_path / "t3"
+    seqs = pq.read_table(t3 / "sequences.parquet").to_pylist()
+    rows = pq.read_table(t3 / "test.parquet").to_pylist()
+    assert len(rows) == 3 * len(seqs)
+    assert [r["target"] for r in rows[:3]] == seqs[0]["items"][-3:]
+    assert [r["target"] for r in pq.read_table(t3 / "valid.parquet").to_pylist()[:2]] == seqs[0]["items"][-5:-3]
+    assert pq.read_table(t3 / "train.parquet").to_pylist()[0]["items"] == seqs[0]["items"][:-5]
+    stats = json.loads((t3 / "stats.json").read_text())
+    assert (stats["test_targets"], stats["test_rows"]) == (3, 3 * len(seqs))
+    base = PrepareConfig(input=str(src), k_core=2)
+    assert input_fingerprint(base) != input_fingerprint(PrepareConfig(input=str(src), k_core=2, test_targets=3))
+    assert "test_targets" not in json.loads((Path(run_prepare(PrepareConfig(
+        input=str(src), out=str(tmp_path / "one"), k_core=2))) / "stats.json").read_text())
+
+    from comeir_dist.eval.popular import popular_metrics
+    from comeir_dist.config.run import RunConfig
+
+    m = popular_metrics(RunConfig(dataset=str(t3)), "test")
+    assert m["clusters"] == len(seqs) and m["users"] == 3 * len(seqs)
 
 
 def test_csv_layout(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 from comeir_dist.cli import main
 from comeir_dist.config.base import load_yaml, parse_section
 from comeir_dist.config.recipe import (MARKER, DatasetProfile, dataset_profile, derive_recipe,
-                                       suggested_valid_targets)
+                                       suggested_valid_targets, suggested_test_targets, held_out_note)
 from comeir_dist.config.run import RunConfig
 from tests.fixtures import make_tiny_dataset
 
@@ -77,6 +77,12 @@ def test_few_validation_users_get_a_constant_rate_and_a_longer_patience():
     assert suggested_valid_targets(movielens) == 4 and suggested_valid_targets(SCIENTIFIC) is None
     assert suggested_valid_targets(replace(movielens, valid_targets=2440)) is None
     assert suggested_valid_targets(replace(movielens, valid_users=50, valid_targets=50)) == 10
+    # and more test targets likewise (a profile that does not know its test rows gets no advice)
+    assert suggested_test_targets(movielens) is None and suggested_test_targets(SCIENTIFIC) is None
+    assert suggested_test_targets(replace(movielens, test_targets=610)) == 4
+    assert suggested_test_targets(replace(movielens, test_targets=2440)) is None
+    note = held_out_note(replace(movielens, valid_targets=2440, test_targets=610))
+    assert "--test-targets 4" in note and "--valid-targets" not in note and "610 test targets" in note
     # the schedule follows distinct users: 4 targets per user do not make 610 users' validation a large one
     assert derive_recipe(replace(movielens, valid_targets=2440), BASE)[0]["train"] == t
     edge = derive_recipe(replace(SCIENTIFIC, valid_users=2000), BASE)[0]["train"]
