@@ -19,7 +19,7 @@ TINY_BACKBONE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_hea
 
 
 def make_tiny_dataset(root: Path, n_users=24, n_items=40, seq_len=6, levels=3, codebook_size=8, emb_dim=16,
-                      seed=0, method="rqkmeans", valid_targets=1) -> Path:
+                      seed=0, method="rqkmeans", valid_targets=1, test_targets=1) -> Path:
     """Users walk a fixed item cycle (learnable transitions); distinct random SIDs; random embeddings."""
     rng = np.random.default_rng(seed)
     raw = root / "raw"
@@ -28,7 +28,8 @@ def make_tiny_dataset(root: Path, n_users=24, n_items=40, seq_len=6, levels=3, c
     items = {str(i): {"title": f"item {i}", "description": f"about {i}"} for i in range(n_items)}
     (raw / "Tiny.inter.json").write_text(json.dumps(inter))
     (raw / "Tiny.item.json").write_text(json.dumps(items))
-    ds = run_prepare(PrepareConfig(input=str(raw), out=str(root / "ds"), k_core=1, valid_targets=valid_targets))
+    ds = run_prepare(PrepareConfig(input=str(raw), out=str(root / "ds"), k_core=1, valid_targets=valid_targets,
+                                    test_targets=test_targets))
     n = pq.read_metadata(ds / "items.parquet").num_rows
     x = rng.standard_normal((n, emb_dim)).astype(np.float32)
     pq.write_table(pa.table({"item_idx": pa.array(np.arange(n, dtype=np.int32)),

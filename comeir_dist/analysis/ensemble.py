@@ -135,8 +135,8 @@ def read_top(path: Path, top: int, expect_split: str, flag: str) -> TopN:
     users = np.asarray(t.column("user_idx").to_pylist(), np.int64)
     order = np.argsort(users, kind="stable")
     if len(np.unique(users)) != len(users):
-        raise UserError(f"{flag} {path}: a user appears twice (the valid split of a dataset prepared with "
-                        f"--valid-targets > 1 has several rows per user; fit the fusion on a leave-one-out dataset)")
+        raise UserError(f"{flag} {path}: a user appears twice (a dataset prepared with --valid-targets or "
+                        f"--test-targets > 1 has several rows per user; fit the fusion on a leave-one-out dataset)")
     U = len(users)
     items = np.full((U, top), -1, np.int64)
     scores = np.full((U, top), -np.inf, np.float64)

@@ -7,6 +7,9 @@ and for the most-popular baseline. It answers whether validation and test measur
 models score higher on early targets while the baseline does not, validation numbers overstate test numbers
 (the comparison between checkpoints or variants on validation can still be sound).
 
+With ``--test-targets K`` a user's last K items are test rows: ``before_test`` counts from the user's LAST item
+(0), so test rows take 0..K-1 and the validation targets K, K+1, ... (with one test row this is the count above).
+
 Within one position every user has at most one row, so the standard error of a position's mean is the plain
 one over its rows.
 """
@@ -24,10 +27,11 @@ from comeir_dist.errors import UserError
 class PositionMean:
     """One metric's mean over the rows at one position."""
 
-    before_test: int  # items between this target and the test item, plus one; 0 = the test item itself
+    before_test: int  # items between this target and the user's last (test) item, plus one; 0 = that item
     rows: int
     mean: float
     se: float
+    split: str = "valid"
 
 
 def _occurrence(users: np.ndarray) -> np.ndarray:
@@ -41,19 +45,23 @@ def _occurrence(users: np.ndarray) -> np.ndarray:
 
 
 def split_positions(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(user_idx, target, before_test)`` of every row of ``split`` in the dataset's row order. A user's
-    validation rows are oldest first, so the last one is just before the test item (``before_test`` 1);
-    test rows are 0."""
+    """``(user_idx, target, before_test)`` of every row of ``split`` in the dataset's row order. A user's rows
+    are oldest first: its last test row is 0, the test rows before it 1, 2, ...; its last validation row is just
+    before its first test row (``before_test`` = the user's test rows)."""
     from comeir_dist.data.dataset import read_split
 
-    table = read_split(dataset, split)
-    users = table.column("user_idx").to_numpy().astype(np.int64)
-    targets = table.column("target").to_numpy().astype(np.int64)
+    def rows(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        table = read_split(dataset, name)
+        users = table.column("user_idx").to_numpy().astype(np.int64)
+        count = np.bincount(users, minlength=int(users.max(initial=-1)) + 1)
+        return users, table.column("target").to_numpy().astype(np.int64), count[users] - 1 - _occurrence(users)
+
+    users, targets, from_end = rows(split)
     if split == "test":
-        return users, targets, np.zeros(len(users), np.int64)
-    occ = _occurrence(users)
-    count = np.bincount(users, minlength=int(users.max(initial=-1)) + 1)
-    return users, targets, count[users] - occ
+        return users, targets, from_end
+    test_users = read_split(dataset, "test").column("user_idx").to_numpy().astype(np.int64)
+    n_test = np.bincount(test_users, minlength=int(max(users.max(initial=-1), test_users.max(initial=-1))) + 1)
+    return users, targets, from_end + n_test[users]
 
 
 def dataset_rows(users: np.ndarray, targets: np.ndarray, ds_users: np.ndarray, ds_targets: np.ndarray,
@@ -75,14 +83,20 @@ def dataset_rows(users: np.ndarray, targets: np.ndarray, ds_users: np.ndarray, d
     return rows
 
 
-def position_means(values: np.ndarray, before_test: np.ndarray) -> list[PositionMean]:
+def position_means(values: np.ndarray, before_test: np.ndarray, split: str = "valid") -> list[PositionMean]:
     """Mean and standard error of ``values`` per ``before_test`` position, farthest from the test item first."""
     out = []
     for d in sorted(set(before_test.tolist()), reverse=True):
         v = values[before_test == d]
         se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-        out.append(PositionMean(int(d), len(v), float(v.mean()), se))
+        out.append(PositionMean(int(d), len(v), float(v.mean()), se, split))
     return out
+
+
+def _label(d: int, split: str) -> str:
+    if split == "test":
+        return "test" if d == 0 else f"test, {d} before last"
+    return f"{d} before test"
 
 
 def as_dicts(means: list[PositionMean]) -> list[dict]:
@@ -91,8 +105,9 @@ def as_dicts(means: list[PositionMean]) -> list[dict]:
 
 def format_positions(table: dict[str, list[PositionMean]], metric: str) -> str:
     """A text table: one line per run, one column per position (mean ± s.e.)."""
-    cols = sorted({m.before_test for means in table.values() for m in means}, reverse=True)
-    head = ["run"] + ["test" if d == 0 else f"{d} before test" for d in cols]
+    split_of = {m.before_test: m.split for means in table.values() for m in means}
+    cols = sorted(split_of, reverse=True)
+    head = ["run"] + [_label(d, split_of[d]) for d in cols]
     lines = [f"{metric} by position (validation targets oldest first; rows per position in brackets)",
              " | ".join(head)]
     for name, means in table.items():
@@ -129,7 +144,7 @@ def run_positions(dataset: str, specs: list[str], metric: str, with_test: bool =
     splits = ("valid", "test") if with_test else ("valid",)
     ds = {s: split_positions(dataset, s) for s in splits}
     table: dict[str, list[PositionMean]] = {}
-    table["popular"] = [m for s in splits for m in position_means(popular_per_user(dataset, s, metric)[1], ds[s][2])]
+    table["popular"] = [m for s in splits for m in position_means(popular_per_user(dataset, s, metric)[1], ds[s][2], s)]
     for spec in specs:
         name, paths = split_name(spec)
         paths_list = paths.split(",")
@@ -144,6 +159,6 @@ def run_positions(dataset: str, specs: list[str], metric: str, with_test: bool =
             if (answered != answered[0]).any():
                 raise UserError(f"--runs {spec}: its runs answered different {s} rows; average runs of one dataset")
             keep = answered[0]
-            means += position_means(per_run[:, keep].mean(axis=0), ds[s][2][keep])
+            means += position_means(per_run[:, keep].mean(axis=0), ds[s][2][keep], s)
         table[name] = means
     return table

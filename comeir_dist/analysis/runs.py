@@ -240,7 +240,8 @@ def join_to_instances(res: RunResults, user_idx: np.ndarray, user: np.ndarray, t
     rows = order[pos]
     srt = np.sort(rows)
     if (srt[1:] == srt[:-1]).any():
-        raise UserError(f"{res.path}: a user appears more than once")
+        raise UserError(f"{res.path}: a user appears more than once (a split prepared with --valid-targets or "
+                        "--test-targets > 1; this analysis needs one row per user)")
     if res.target is not None:
         diff = res.target != target[rows]
         if diff.any():

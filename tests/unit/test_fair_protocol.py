@@ -149,6 +149,25 @@ def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
         experiment.run_experiment(changed, ["tm"], seeds=1)
 
 
+def test_experiment_with_several_test_targets_pairs_rows_with_clustered_errors(tmp_path):
+    """`prepare --test-targets 2`: the test split has 2 rows per user; the run's test metrics and its paired
+    difference to popular are over all rows with standard errors clustered by user."""
+    from comeir_dist.analysis.paired import vs_popular
+    from comeir_dist.train import experiment
+
+    ds = make_tiny_dataset(tmp_path / "t2", n_users=24, seq_len=8, valid_targets=2, test_targets=2)
+    cfg = tiny_run_config(ds, tmp_path / "exp", max_steps=4, eval_every=2, lr_schedule="plateau")
+    experiment.run_experiment(cfg, ["popular", "tm"], seeds=1)
+    row = json.loads((tmp_path / "exp" / "results" / "tm-seed42.json").read_text())
+    pop = json.loads((tmp_path / "exp" / "results" / "popular-seed42.json").read_text())
+    assert (row["metrics"]["users"], row["metrics"]["clusters"]) == (48, 24) == (pop["metrics"]["users"],
+                                                                               pop["metrics"]["clusters"])
+    paired = row["vs_popular"]
+    assert (paired["users"], paired["rows"]) == (24, 48) and paired["se"] >= 0
+    assert paired["diff"] == pytest.approx(row["metrics"]["item/ndcg@10"] - pop["metrics"]["item/ndcg@10"], abs=1e-9)
+    assert vs_popular(str(ds), tmp_path / "exp" / "tm-seed42" / "test.users.parquet") == paired
+
+
 def test_interrupted_training_resumes_from_its_last_validation(tiny, tmp_path, monkeypatch):
     """Experiment runs checkpoint at every validation: a run killed after its first validation continues from that
     step when the same command is rerun, and ends with the result of an uninterrupted run."""

@@ -36,6 +36,18 @@ def test_positions_count_back_from_the_test_item(tiny3):
     assert set(_split(tiny3, "test")[2]) == {0}
 
 
+def test_positions_count_back_from_the_last_test_item(tmp_path):
+    """--test-targets 2: test rows are 1 and 0 (the last), validation rows 4, 3, 2 (just before the first test
+    row); the text table labels the split of each column."""
+    from comeir_dist.analysis.positions import PositionMean, format_positions
+
+    ds = make_tiny_dataset(tmp_path / "t2", seq_len=8, valid_targets=3, test_targets=2)
+    assert _split(ds, "test")[2][:2] == [1, 0] and _split(ds, "valid")[2][:3] == [4, 3, 2]
+    text = format_positions({"A": [PositionMean(2, 5, 0.1, 0.01), PositionMean(1, 5, 0.2, 0.01, "test"),
+                                   PositionMean(0, 5, 0.3, 0.01, "test")]}, "item/ndcg@10")
+    assert "2 before test | test, 1 before last | test" in text
+
+
 def test_positions_group_rows_whatever_the_file_order(tiny3, tmp_path):
     users, targets, before = _split(tiny3, "valid")
     run = tmp_path / "run"
