@@ -73,6 +73,13 @@ def align(users_a: np.ndarray, a: np.ndarray, users_b: np.ndarray, b: np.ndarray
     if len(ua) != len(ub) or not np.array_equal(ua[oa], ub[ob]):
         only_a = np.setdiff1d(ua, ub)[:3].tolist()
         only_b = np.setdiff1d(ub, ua)[:3].tolist()
+        if not only_a and not only_b:
+            users, ca = np.unique(ua, return_counts=True)
+            cb = np.unique(ub, return_counts=True)[1]
+            u = int(users[np.argmax(ca != cb)])
+            raise UserError(f"{name_a} and {name_b} hold the same users with different rows per user (user_idx {u}: "
+                            f"{int(ca[users == u][0])} vs {int(cb[users == u][0])}); compare runs of one dataset "
+                            "(the same --valid-targets / --test-targets) and split")
         raise UserError(f"{name_a} ({len(ua)} rows) and {name_b} ({len(ub)} rows) were not evaluated on the same "
                         f"users and rows (only in the first: {only_a}, only in the second: {only_b}); compare runs of "
                         "one dataset and split")

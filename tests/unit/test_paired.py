@@ -36,7 +36,7 @@ def test_align_orders_users_and_refuses_different_users():
     assert a.tolist() == [0.1, 0.2, 0.3] and b.tolist() == [1.0, 2.0, 3.0] and u.tolist() == [1, 2, 3]
     with pytest.raises(UserError, match="same users"):
         align(np.array([1, 2]), np.zeros(2), np.array([1, 4]), np.zeros(2), "A", "B")
-    with pytest.raises(UserError, match="same users and rows"):  # user 1 has two rows on one side only
+    with pytest.raises(UserError, match=r"different rows per user \(user_idx 1: 2 vs 1\)"):
         align(np.array([1, 1, 2]), np.zeros(3), np.array([1, 2, 2]), np.zeros(3), "A", "B")
 
 
