@@ -135,11 +135,12 @@ def _size(r: dict) -> str:
     return f"s_S {e['s_s']:g}, s_T {e['s_t']:g}, d_m {e['d_m']}" if r["variant"] == "comeir" and e else "-"
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], averaged: dict[str, dict] | None = None) -> str:
     """Markdown: one line per label, test metrics mean ± std over seeds, validation at the best step (± its
     standard error over users), best step / epoch, minutes to the best validation, memory size; with a
     ``popular`` row, every label's mean test NDCG@10 as a multiple of the most-popular baseline's (the margin a
-    first run on new data must show)."""
+    first run on new data must show) and the paired difference to it. ``averaged`` (label -> paired difference
+    of the label's seeds averaged per row, :func:`seed_averaged_vs_popular`) replaces the mean over seeds there."""
     present = set.intersection(*(set(r["metrics"]) for r in rows)) if rows else set()
     columns = [c for c in COLUMNS if c in present]  # eval.ks decides which @K exist (10 always does)
     by_label: dict[str, list[dict]] = {}
@@ -166,22 +167,58 @@ def format_table(rows: list[dict]) -> str:
         ms, _ = _mean_std([r["ms_per_user"] for r in rs])
         if popular:
             cells.append(f"{statistics.fmean(r['metrics']['item/ndcg@10'] for r in rs) / popular:.2f}x")
-            cells.append(_paired_cell(rs))
+            cells.append(_paired_cell(rs, (averaged or {}).get(label)))
         lines.append(f"| {label} | {_size(rs[0])} | {len(rs)} | " + " | ".join(cells)
                      + f" | {v:.4f} ± {se:.4f} | {bs:.0f} ({be:.2f}) | {bm:.1f} | {ms:.2f} |")
     return "\n".join(lines)
 
 
-def _paired_cell(rs: list[dict]) -> str:
-    """Mean over seeds of the paired difference to popular and of its standard error (each seed's users are the
-    same test users, so the s.e. is not divided again); '-' for rows without per-user results."""
+def _paired_cell(rs: list[dict], averaged: dict | None = None) -> str:
+    """The paired difference to popular (s.e. clustered by user when users have several rows). With several seeds:
+    the difference of the seeds averaged per row (``averaged``; seed-to-seed noise averaged out, the s.e. over the
+    test users) when every seed's per-user results were at hand, else the mean over seeds of the difference and
+    of its s.e. (each seed's users are the same test users, so the s.e. is not divided again); then each seed's z.
+    '-' for rows without per-user results."""
     paired = [r["vs_popular"] for r in rs if r.get("vs_popular")]
     if not paired:
         return "-"
+    if len(rs) == 1:
+        return _difference(paired[0]["diff"], paired[0]["se"])
+    per_seed = " / ".join(f"{p['z']:.1f}" for p in paired)
+    if averaged:
+        return f"{_difference(averaged['diff'], averaged['se'])} (seeds averaged per row; z per seed {per_seed})"
     diff = statistics.fmean(p["diff"] for p in paired)
     se = statistics.fmean(p["se"] for p in paired)
-    z = f", {diff / se:.1f} s.e." if se > 0 else ""
-    return f"{diff:+.4f} ± {se:.4f}{z}" + (f" ({len(paired)} of {len(rs)} seeds)" if len(paired) < len(rs) else "")
+    part = f" of {len(rs)}" if len(paired) < len(rs) else ""
+    return f"{_difference(diff, se)} (mean over {len(paired)}{part} seeds; z per seed {per_seed})"
+
+
+def _difference(diff: float, se: float) -> str:
+    return f"{diff:+.4f} ± {se:.4f}" + (f", {diff / se:.1f} s.e." if se > 0 else "")
+
+
+def seed_averaged_vs_popular(dataset: str, root: Path, rows: list[dict]) -> dict[str, dict]:
+    """label -> paired difference to popular of the label's seeds averaged per row, for every label with several
+    seeds whose run dirs under ``root`` still hold the per-user test results the result files report (a table
+    rebuilt from committed result files alone falls back to the mean over seeds)."""
+    from comeir_dist.analysis.paired import vs_popular
+
+    if not any(r["label"] == POPULAR for r in rows):
+        return {}  # the table has no popular column
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["label"] != POPULAR and r.get("vs_popular"):
+            by_label.setdefault(r["label"], []).append(r)
+    out = {}
+    for label, rs in by_label.items():
+        dirs = [root / f"{label}-seed{r['seed']}" for r in rs]
+        if len(rs) < 2 or not all(_tested_as(d, r) for d, r in zip(dirs, rs)):
+            continue
+        try:
+            out[label] = vs_popular(dataset, [d / "test.users.parquet" for d in dirs])
+        except UserError as exc:  # e.g. seeds of another split: the table keeps the per-seed mean
+            log.warning("%s: no seed-averaged difference to popular (%s)", label, exc)
+    return out
 
 
 def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunConfig:
@@ -456,7 +493,7 @@ def run_experiment(cfg: RunConfig, variants: list[str], seeds: int, label: str |
             write_json(result_path, row)
             log.info("%s: test item/ndcg@10 %.4f", key, res["metrics"]["item/ndcg@10"])
     rows = load_results(root)
-    table = format_table(rows)
+    table = format_table(rows, seed_averaged_vs_popular(cfg.dataset, root, rows))
     write_json(root / "results.json", {"runs": rows})
     with atomic_file(root / "results.md") as tmp:
         tmp.write_text(table + "\n")

@@ -130,6 +130,13 @@ def test_experiment_is_resumable_from_result_files(tiny, tmp_path, monkeypatch):
     row = json.loads((tmp_path / "exp" / "results" / "tm-seed42.json").read_text())
     assert row["best_step"] in (2, 4) and "se/item/ndcg@10" in row["metrics"] and row["valid_best_se"] >= 0
     assert "| tm |" in table and "| popular |" in table
+    # the table's difference to popular has the two seeds averaged per row: its mean is the seeds' mean difference
+    rows = experiment.load_results(tmp_path / "exp")
+    averaged = experiment.seed_averaged_vs_popular(str(tiny), tmp_path / "exp", rows)["tm"]
+    diffs = [r["vs_popular"]["diff"] for r in rows if r["label"] == "tm"]
+    assert averaged["diff"] == pytest.approx(sum(diffs) / 2, abs=1e-9) and averaged["users"] == row["vs_popular"]["users"]
+    tm_line = next(line for line in table.splitlines() if line.startswith("| tm |"))
+    assert f"{averaged['diff']:+.4f} ± {averaged['se']:.4f}" in tm_line and "seeds averaged per row" in tm_line
     # the paired difference to popular over the same test users: its mean is the difference of the means
     pop = json.loads((tmp_path / "exp" / "results" / "popular-seed42.json").read_text())
     paired = row["vs_popular"]
@@ -315,11 +322,16 @@ def test_results_table_means_over_seeds_and_margin_over_popular():
 
     rows = [run("tm", "tm", 0.04), run("tm", "tm", 0.06, seed=43), run("popular", "popular", 0.02),
             run("flatten", "flatten", 0.03)]
+    rows[0]["vs_popular"], rows[1]["vs_popular"] = ({"diff": d, "se": 0.01, "z": d / 0.01} for d in (0.02, 0.04))
     lines = format_table(rows).splitlines()
     assert "ndcg@10 / popular" in lines[0] and lines[1].count("---") == lines[0].count(" | ") + 1
     tm, flatten, popular = lines[2], lines[3], lines[4]  # sorted by mean test NDCG@10
     assert tm.startswith("| tm | - | 2 | ") and "0.0500 ± 0.0141" in tm and "| 2.50x |" in tm
-    assert "| 1.50x |" in flatten and "| 1.00x |" in popular
+    assert "| 1.50x |" in flatten and "| 1.00x |" in popular and "| - |" in flatten  # no per-user results
+    # seeds' differences to popular: their mean, or (per-user files at hand) the seeds averaged per row
+    assert "| +0.0300 ± 0.0100, 3.0 s.e. (mean over 2 seeds; z per seed 2.0 / 4.0) |" in tm
+    averaged = format_table(rows, {"tm": {"diff": 0.03, "se": 0.005}}).splitlines()[2]
+    assert "| +0.0300 ± 0.0050, 6.0 s.e. (seeds averaged per row; z per seed 2.0 / 4.0) |" in averaged
     without = format_table([r for r in rows if r["label"] != "popular"]).splitlines()
     assert "popular" not in without[0] and without[1].count("---") == without[0].count(" | ") + 1
 
