@@ -137,21 +137,23 @@ def _size(r: dict) -> str:
 
 def format_table(rows: list[dict], averaged: dict[str, dict] | None = None) -> str:
     """Markdown: one line per label, test metrics mean ± std over seeds, validation at the best step (± its
-    standard error over users), best step / epoch, minutes to the best validation, memory size; with a
+    standard error over users), the test NDCG@10's standard error over users (clustered by user when users have
+    several rows; the mean over seeds), best step / epoch, minutes to the best validation, memory size; with a
     ``popular`` row, every label's mean test NDCG@10 as a multiple of the most-popular baseline's (the margin a
     first run on new data must show) and the paired difference to it. ``averaged`` (label -> paired difference
     of the label's seeds averaged per row, :func:`seed_averaged_vs_popular`) replaces the mean over seeds there."""
     present = set.intersection(*(set(r["metrics"]) for r in rows)) if rows else set()
     columns = [c for c in COLUMNS if c in present]  # eval.ks decides which @K exist (10 always does)
+    se_head = " | test ndcg@10 s.e." if "se/item/ndcg@10" in present else ""  # over users (clustered), seeds' mean
     by_label: dict[str, list[dict]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
     popular = (statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[POPULAR])
                if POPULAR in by_label else None)
     ratio_head = " | ndcg@10 / popular | ndcg@10 - popular (paired s.e.)" if popular else ""
-    head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns) + ratio_head
+    head = ("| variant | memory | seeds | " + " | ".join(f"test {c}" for c in columns) + se_head + ratio_head
             + " | valid ndcg@10 (± s.e.) | best step (epoch) | min to best | eval ms/user |")
-    lines = [head, "|" + "---|" * (len(columns) + 7 + 2 * bool(popular))]
+    lines = [head, "|" + "---|" * (len(columns) + 7 + bool(se_head) + 2 * bool(popular))]
     order = sorted(by_label, key=lambda k: -statistics.fmean(r["metrics"]["item/ndcg@10"] for r in by_label[k]))
     for label in order:
         rs = by_label[label]
@@ -165,6 +167,8 @@ def format_table(rows: list[dict], averaged: dict[str, dict] | None = None) -> s
         be, _ = _mean_std([r["best_epoch"] for r in rs])
         bm, _ = _mean_std([r["best_minutes"] for r in rs])
         ms, _ = _mean_std([r["ms_per_user"] for r in rs])
+        if se_head:
+            cells.append(f"{statistics.fmean(r['metrics']['se/item/ndcg@10'] for r in rs):.4f}")
         if popular:
             cells.append(f"{statistics.fmean(r['metrics']['item/ndcg@10'] for r in rs) / popular:.2f}x")
             cells.append(_paired_cell(rs, (averaged or {}).get(label)))

@@ -316,7 +316,8 @@ def test_results_table_means_over_seeds_and_margin_over_popular():
 
     def run(label, variant, ndcg, seed=42):
         return {"label": label, "variant": variant, "seed": seed, "engram": None,
-                "metrics": {"item/hit@10": 2 * ndcg, "item/ndcg@10": ndcg, "sid/ndcg@10": ndcg},
+                "metrics": {"item/hit@10": 2 * ndcg, "item/ndcg@10": ndcg, "sid/ndcg@10": ndcg,
+                            "se/item/ndcg@10": ndcg / 10},
                 "valid_best": ndcg, "valid_best_se": 0.001, "best_step": 10, "best_epoch": 1.0, "best_minutes": 1.0,
                 "ms_per_user": 1.0}
 
@@ -327,6 +328,7 @@ def test_results_table_means_over_seeds_and_margin_over_popular():
     assert "ndcg@10 / popular" in lines[0] and lines[1].count("---") == lines[0].count(" | ") + 1
     tm, flatten, popular = lines[2], lines[3], lines[4]  # sorted by mean test NDCG@10
     assert tm.startswith("| tm | - | 2 | ") and "0.0500 ± 0.0141" in tm and "| 2.50x |" in tm
+    assert "| test ndcg@10 s.e. |" in lines[0] and "| 0.0050 | 2.50x |" in tm  # the seeds' mean s.e. over users
     assert "| 1.50x |" in flatten and "| 1.00x |" in popular and "| - |" in flatten  # no per-user results
     # seeds' differences to popular: their mean, or (per-user files at hand) the seeds averaged per row
     assert "| +0.0300 ± 0.0100, 3.0 s.e. (mean over 2 seeds; z per seed 2.0 / 4.0) |" in tm
