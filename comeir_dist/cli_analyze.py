@@ -14,6 +14,9 @@ users both answered, with the paired standard error (:mod:`comeir_dist.analysis.
 averages each user's value over several runs first); a run named
 ``popular`` is the most-popular baseline of ``--dataset``.
 
+``comeir analyze pairwise --experiment DIR [--labels A,B,...] [--dataset DIR] [--out FILE]``: every pair of an
+experiment's variants the same way, each variant's seeds averaged per row; see :mod:`comeir_dist.analysis.pairwise`.
+
 ``comeir analyze keys --config FILE [--dataset DIR] [--set KEY=VALUE ...] [--out FILE.json]``: occupancy and
 private-row share of every Engram table on the dataset's training sequences; see
 :mod:`comeir_dist.analysis.key_tables`.
@@ -158,6 +161,42 @@ def run_paired_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pairwise_flags(p: argparse.ArgumentParser) -> None:
+    from comeir_dist.analysis.paired import METRIC
+    from comeir_dist.analysis.runs import METRICS
+
+    p.add_argument("--experiment", required=True, help="a `comeir experiment` output dir (results/*.json and the "
+                   "run dirs with their per-user results)")
+    p.add_argument("--labels", help="comma-separated variants to compare (default: every label with per-user results)")
+    p.add_argument("--dataset", help="prepared dataset dir: adds the most-popular baseline as a variant")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="default test")
+    p.add_argument("--metric", choices=METRICS, default=METRIC, help=f"default {METRIC}")
+    p.add_argument("--out", help="also write FILE.json and FILE.md")
+
+
+def run_pairwise_cli(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from comeir_dist.analysis.pairwise import experiment_variants, format_pairwise, pairwise, popular_variant
+    from comeir_dist.utils.atomic import write_json_and_markdown
+    from comeir_dist.utils.output_guard import check_out_file
+
+    if args.out:  # before any work
+        check_out_file(args.out)
+    labels = [lab.strip() for lab in args.labels.split(",") if lab.strip()] if args.labels else None
+    variants = experiment_variants(Path(args.experiment), labels, args.split, args.metric)
+    if args.dataset:
+        variants.append(popular_variant(args.dataset, args.split, args.metric))
+    pairs = pairwise(variants, args.metric)
+    table = format_pairwise(pairs, args.split)
+    print(table)
+    if args.out:
+        write_json_and_markdown(Path(args.out), {"experiment": args.experiment, "split": args.split,
+                                                 "seeds": {v.label: v.seeds for v in variants}, "pairs": pairs},
+                                table + "\n")
+    return 0
+
+
 def add_keys_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config YAML of a comeir run (its engram section)")
     p.add_argument("--dataset", help="prepared dataset dir (default: the config's)")
@@ -243,6 +282,9 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
     q = asub.add_parser("paired", help="A minus B on the same users: mean per-user difference of a metric and its "
                         "paired standard error (is A better than B on these users?)")
     add_paired_flags(q)
+    q = asub.add_parser("pairwise", help="every pair of an experiment's variants on the same users, each variant's "
+                        "seeds averaged per row: difference, paired standard error, z")
+    add_pairwise_flags(q)
     q = asub.add_parser("keys", help="how the training sequences fill the Engram tables: occupancy and the share "
                         "of rows only one user addresses, per (memory, level, order)")
     add_keys_flags(q)
@@ -261,6 +303,8 @@ def add_analyze_command(sub: "argparse._SubParsersAction") -> None:
             return run_ensemble_cli(args)
         if args.analyze_cmd == "paired":
             return run_paired_cli(args)
+        if args.analyze_cmd == "pairwise":
+            return run_pairwise_cli(args)
         if args.analyze_cmd == "keys":
             return run_keys_cli(args)
         if args.analyze_cmd == "merge":

@@ -115,13 +115,11 @@ def users_file_values(path: Path, metric: str = METRIC) -> tuple[np.ndarray, np.
     return users, per_user_values(table, path)[:, METRICS.index(metric)]
 
 
-def vs_popular(dataset: str, users_files, split: str = "test", metric: str = METRIC) -> dict:
-    """A run's per-user ``metric`` minus the most-popular baseline's on the same users (paired). Several
-    ``users_files`` (the seeds of one variant) are averaged per row first (:func:`seed_average`)."""
+def vs_popular(dataset: str, users_file: Path, split: str = "test", metric: str = METRIC) -> dict:
+    """A run's per-user ``metric`` minus the most-popular baseline's on the same users (paired)."""
     from comeir_dist.eval.popular import popular_per_user
 
-    files = [users_files] if isinstance(users_files, (str, Path)) else list(users_files)
-    ur, vr = seed_average([(str(f), *users_file_values(f, metric)) for f in files])
+    ur, vr = users_file_values(users_file, metric)
     up, vp = popular_per_user(dataset, split, metric)
-    users, a, b = align(ur, vr, up, vp, " + ".join(map(str, files)), f"popular on {dataset} ({split})")
+    users, a, b = align(ur, vr, up, vp, str(users_file), f"popular on {dataset} ({split})")
     return paired_difference(a, b, metric, users).as_dict()

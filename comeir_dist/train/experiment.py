@@ -203,26 +203,20 @@ def _difference(diff: float, se: float) -> str:
 
 def seed_averaged_vs_popular(dataset: str, root: Path, rows: list[dict]) -> dict[str, dict]:
     """label -> paired difference to popular of the label's seeds averaged per row, for every label with several
-    seeds whose run dirs under ``root`` still hold the per-user test results the result files report (a table
+    seeds whose run dirs under ``root`` all still hold the per-user test results the result files report (a table
     rebuilt from committed result files alone falls back to the mean over seeds)."""
-    from comeir_dist.analysis.paired import vs_popular
+    from comeir_dist.analysis.pairwise import experiment_variants, popular_variant, versus
 
     if not any(r["label"] == POPULAR for r in rows):
         return {}  # the table has no popular column
-    by_label: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["label"] != POPULAR and r.get("vs_popular"):
-            by_label.setdefault(r["label"], []).append(r)
-    out = {}
-    for label, rs in by_label.items():
-        dirs = [root / f"{label}-seed{r['seed']}" for r in rs]
-        if len(rs) < 2 or not all(_tested_as(d, r) for d, r in zip(dirs, rs)):
-            continue
-        try:
-            out[label] = vs_popular(dataset, [d / "test.users.parquet" for d in dirs])
-        except UserError as exc:  # e.g. seeds of another split: the table keeps the per-seed mean
-            log.warning("%s: no seed-averaged difference to popular (%s)", label, exc)
-    return out
+    seeds = {label: sum(r["label"] == label for r in rows) for label in {r["label"] for r in rows}}
+    try:
+        popular = popular_variant(dataset)
+        return {v.label: versus(v, popular) for v in experiment_variants(root)
+                if 1 < len(v.seeds) == seeds[v.label]}
+    except UserError as exc:  # e.g. runs of another split: the table keeps the per-seed mean
+        log.warning("%s: no seed-averaged difference to popular (%s)", root, exc)
+        return {}
 
 
 def _run_config(cfg: RunConfig, variant: str, seed: int, run_dir: Path) -> RunConfig:
@@ -371,12 +365,9 @@ def _vs_popular(run_cfg: RunConfig, run_dir: Path) -> dict | None:
 def _tested_as(run_dir: Path, row: dict) -> bool:
     """Whether ``run_dir``'s test.json / test.users.parquet are the evaluation a result file reports (results
     written before the paired comparison existed get it on a rerun)."""
-    try:
-        test = json.loads((run_dir / "test.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return ((run_dir / "test.users.parquet").is_file() and isinstance(test, dict)
-            and test.get("metrics", {}).get("item/ndcg@10") == row["metrics"].get("item/ndcg@10"))
+    from comeir_dist.analysis.pairwise import run_holds_result
+
+    return run_holds_result(run_dir, row, "test")
 
 
 def _popular(run_cfg: RunConfig) -> dict:
