@@ -6,8 +6,9 @@ means move together and their separate standard errors overstate the noise. This
 ``comeir analyze paired`` compares one: each variant's per-user values averaged over its seeds
 (:func:`~comeir_dist.analysis.paired.seed_average`), then the paired difference with its standard error over users
 (clustered by user when users have several rows). The seeds are those whose result file
-(``results/<label>-seed<S>.json``) and run dir (``<label>-seed<S>/<split>.users.parquet``) are both there; a
-variant's run dirs that were retrained after their result file was written are not mixed in (test metric checked).
+(``results/<label>-seed<S>.json``) and run dir (``<label>-seed<S>/<split>.users.parquet``) are both there, in a
+`comeir experiment` output dir or a committed archive of one (``<label>-seed<S>.json``,
+``users/<label>-seed<S>/``, with ``rerun.json`` there when a rerun wrote the per-user file); a run retrained after its result file was written is not mixed in (test metric checked).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,61 +38,90 @@ class Variant:
     values: np.ndarray
 
 
-def _result_rows(root: Path) -> list[dict]:
-    files = sorted((root / "results").glob("*.json"))
-    if not files:
-        raise UserError(f"{root}: no results/*.json (not a `comeir experiment` output dir?)")
+# a per-user file's mean within this of its result file's test metric is the evaluation that file reports
+# (older evaluations summed in float32: 4e-7 seen); a retrained run differs by far more
+SAME_EVALUATION = 1e-5
+RERUN = "rerun.json"
+
+
+def _result_files(root: Path) -> tuple[list[Path], Callable[[str, str], Path]]:
+    """The result files of ``root`` and where a run's per-user results live: a `comeir experiment` output dir
+    (``results/<key>.json``, ``<key>/<split>.users.parquet``) or a committed archive of one (``<key>.json``,
+    ``users/<key>/<split>.users.parquet``, as under docs/results/)."""
+    if (root / "results").is_dir():
+        return sorted((root / "results").glob("*.json")), lambda key, split: root / key / f"{split}.users.parquet"
+    if (root / "users").is_dir():
+        return sorted(root.glob("*.json")), lambda key, split: root / "users" / key / f"{split}.users.parquet"
+    raise UserError(f"{root}: no results/*.json and no users/ dir (not a `comeir experiment` output dir or an "
+                    "archive of one)")
+
+
+def _rerun(users_dir: Path) -> dict | None:
+    """An archive's ``users/<key>/rerun.json``: the result file of a rerun that wrote these per-user results (the
+    committed result file is the original run's), or None."""
+    f = users_dir / RERUN
+    if users_dir.parent.name != "users" or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{f}: unreadable result file ({exc})") from None
+
+
+def _result_rows(files: list[Path]) -> list[dict]:
     rows = []
     for f in files:
         try:
-            rows.append(json.loads(f.read_text()))
+            row = json.loads(f.read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{f}: unreadable result file ({exc})") from None
+        if isinstance(row, dict) and row.get("label") and "seed" in row:  # other JSON beside them is not a run
+            rows.append(row)
     return rows
-
-
-def run_holds_result(run_dir: Path, row: dict, split: str = "test") -> bool:
-    """The run dir holds the evaluation its result file reports (for the test split: same test NDCG@10)."""
-    if not (run_dir / f"{split}.users.parquet").is_file():
-        return False
-    if split != "test":
-        return True
-    try:
-        test = json.loads((run_dir / "test.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(test, dict) and test.get("metrics", {}).get("item/ndcg@10") == row["metrics"].get("item/ndcg@10")
 
 
 def experiment_variants(root: Path, labels: list[str] | None = None, split: str = "test",
                         metric: str = METRIC) -> list[Variant]:
     """The variants of experiment dir ``root`` (``labels``, or every label but popular) with per-user results of
-    ``split``, each seed-averaged; one line naming a requested label that has none."""
+    ``split``, each seed-averaged; one line naming a requested label that has none. On the test split a seed whose
+    per-user file does not average to its result file's metric (retrained since) is left out."""
+    files, users_path = _result_files(root)
     by_label: dict[str, list[dict]] = {}
-    for r in _result_rows(root):
-        if r.get("label") and r["label"] != POPULAR:
+    for r in _result_rows(files):
+        if r["label"] != POPULAR:
             by_label.setdefault(r["label"], []).append(r)
+    if not by_label:
+        raise UserError(f"{root}: no result files of trained runs")
     wanted = labels or sorted(by_label)
     unknown = [lab for lab in wanted if lab not in by_label]
     if unknown:
-        raise UserError(f"--labels {','.join(unknown)}: no result files in {root}/results (labels there: "
-                        f"{', '.join(sorted(by_label)) or 'none'})")
+        raise UserError(f"--labels {','.join(unknown)}: no result files in {root} (labels there: "
+                        f"{', '.join(sorted(by_label))})")
     out = []
     for label in wanted:
         rows = sorted(by_label[label], key=lambda r: r["seed"])
-        kept = [(r["seed"], root / f"{label}-seed{r['seed']}") for r in rows]
-        kept = [(s, d) for (s, d), r in zip(kept, rows) if run_holds_result(d, r, split)]
-        if not kept:
+        sides, seeds = [], []
+        for r in rows:
+            path = users_path(f"{label}-seed{r['seed']}", split)
+            if not path.is_file():
+                continue
+            users, values = users_file_values(path, metric)
+            reported = (_rerun(path.parent) or r).get("metrics", {}).get(metric)
+            if split == "test" and (reported is None or abs(float(values.mean()) - reported) > SAME_EVALUATION):
+                log.warning("%s: mean %s %.6f, its result file reports %s: left out", path, metric,
+                            values.mean(), reported)
+                continue
+            sides.append((path.parent.name, users, values))
+            seeds.append(r["seed"])
+        if not sides:
             if labels:
-                raise UserError(f"{label}: no run dir in {root} holds the {split} per-user results its result files "
-                                f"report ({label}-seed<S>/{split}.users.parquet)")
-            log.info("%s: no per-user %s results in its run dirs, left out", label, split)
+                raise UserError(f"{label}: none of its runs in {root} holds the {split} per-user results its result "
+                                f"files report ({split}.users.parquet)")
+            log.info("%s: no per-user %s results, left out", label, split)
             continue
-        if len(kept) < len(rows):
-            log.warning("%s: %d of %d seeds have per-user %s results", label, len(kept), len(rows), split)
-        sides = [(d.name, *users_file_values(d / f"{split}.users.parquet", metric)) for _, d in kept]
-        users, values = seed_average(sides)
-        out.append(Variant(label, [s for s, _ in kept], users, values))
+        if len(sides) < len(rows):
+            log.info("%s: %d of %d seeds have per-user %s results", label, len(sides), len(rows), split)
+        out.append(Variant(label, seeds, *seed_average(sides)))
     return out
 
 

@@ -365,9 +365,12 @@ def _vs_popular(run_cfg: RunConfig, run_dir: Path) -> dict | None:
 def _tested_as(run_dir: Path, row: dict) -> bool:
     """Whether ``run_dir``'s test.json / test.users.parquet are the evaluation a result file reports (results
     written before the paired comparison existed get it on a rerun)."""
-    from comeir_dist.analysis.pairwise import run_holds_result
-
-    return run_holds_result(run_dir, row, "test")
+    try:
+        test = json.loads((run_dir / "test.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ((run_dir / "test.users.parquet").is_file() and isinstance(test, dict)
+            and test.get("metrics", {}).get("item/ndcg@10") == row["metrics"].get("item/ndcg@10"))
 
 
 def _popular(run_cfg: RunConfig) -> dict:

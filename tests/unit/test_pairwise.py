@@ -52,8 +52,23 @@ def test_variants_average_their_seeds_and_every_pair_is_paired(tmp_path):
     with pytest.raises(UserError, match="--labels nope: no result files"):
         experiment_variants(root, ["a", "nope"])
     _run(root, "d", 42, users, targets, set(), ndcg=0.3)
-    with pytest.raises(UserError, match="d: no run dir"):
+    with pytest.raises(UserError, match="d: none of its runs"):
         experiment_variants(root, ["d"])
+    # a committed archive of the experiment (docs/results/<name>/: result files, users/<run>/) reads the same
+    archive = tmp_path / "archive"
+    for f in (root / "results").glob("*.json"):
+        (archive / "users" / f.stem).mkdir(parents=True)
+        (archive / f.name).write_text(f.read_text())
+        if (root / f.stem / "test.users.parquet").is_file():
+            (archive / "users" / f.stem / "test.users.parquet").write_bytes((root / f.stem / "test.users.parquet")
+                                                                            .read_bytes())
+    (archive / "notes.json").write_text("[]")  # other JSON beside the result files is not a run
+    # c seed 43's per-user file came from a rerun: its own result file (users/<run>/rerun.json) is what it reports
+    (archive / "users" / "c-seed43" / "rerun.json").write_text(json.dumps({"metrics": {"item/ndcg@10": 1.0}}))
+    again = {v.label: v for v in experiment_variants(archive, ["a", "b", "c"])}
+    assert all(again[k].seeds == variants[k].seeds and np.allclose(again[k].values, variants[k].values)
+               for k in ("a", "b"))
+    assert again["c"].seeds == [42, 43] and np.allclose(again["c"].values, (variants["c"].values + 1.0) / 2)
 
 
 def test_analyze_pairwise_cli(tiny, tmp_path, capsys):
@@ -75,4 +90,4 @@ def test_analyze_pairwise_cli(tiny, tmp_path, capsys):
     assert main(["analyze", "pairwise", "--experiment", str(root), "--labels", "a,zz"]) == 2
     assert "zz" in capsys.readouterr().err
     assert main(["analyze", "pairwise", "--experiment", str(tmp_path / "none")]) == 2
-    assert "no results/*.json" in capsys.readouterr().err
+    assert "no results/*.json and no users/ dir" in capsys.readouterr().err
