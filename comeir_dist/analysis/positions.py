@@ -93,10 +93,11 @@ def position_means(values: np.ndarray, before_test: np.ndarray, split: str = "va
     return out
 
 
-def _label(d: int, split: str) -> str:
+def _label(d: int, split: str, several_test: bool = False) -> str:
+    """Column name; with several test rows per user the distances count from the last item, and say so."""
     if split == "test":
         return "test" if d == 0 else f"test, {d} before last"
-    return f"{d} before test"
+    return f"valid, {d} before last" if several_test else f"{d} before test"
 
 
 def as_dicts(means: list[PositionMean]) -> list[dict]:
@@ -107,7 +108,8 @@ def format_positions(table: dict[str, list[PositionMean]], metric: str) -> str:
     """A text table: one line per run, one column per position (mean ± s.e.)."""
     split_of = {m.before_test: m.split for means in table.values() for m in means}
     cols = sorted(split_of, reverse=True)
-    head = ["run"] + [_label(d, split_of[d]) for d in cols]
+    several_test = any(s == "test" and d > 0 for d, s in split_of.items())
+    head = ["run"] + [_label(d, split_of[d], several_test) for d in cols]
     lines = [f"{metric} by position (validation targets oldest first; rows per position in brackets)",
              " | ".join(head)]
     for name, means in table.items():

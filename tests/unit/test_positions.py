@@ -45,7 +45,7 @@ def test_positions_count_back_from_the_last_test_item(tmp_path):
     assert _split(ds, "test")[2][:2] == [1, 0] and _split(ds, "valid")[2][:3] == [4, 3, 2]
     text = format_positions({"A": [PositionMean(2, 5, 0.1, 0.01), PositionMean(1, 5, 0.2, 0.01, "test"),
                                    PositionMean(0, 5, 0.3, 0.01, "test")]}, "item/ndcg@10")
-    assert "2 before test | test, 1 before last | test" in text
+    assert "valid, 2 before last | test, 1 before last | test" in text
 
 
 def test_positions_group_rows_whatever_the_file_order(tiny3, tmp_path):
