@@ -5,10 +5,12 @@ A table of means over seeds does not say which differences are real: the test us
 means move together and their separate standard errors overstate the noise. This compares every pair the way
 ``comeir analyze paired`` compares one: each variant's per-user values averaged over its seeds
 (:func:`~comeir_dist.analysis.paired.seed_average`), then the paired difference with its standard error over users
-(clustered by user when users have several rows). The seeds are those whose result file
-(``results/<label>-seed<S>.json``) and run dir (``<label>-seed<S>/<split>.users.parquet``) are both there, in a
-`comeir experiment` output dir or a committed archive of one (``<label>-seed<S>.json``,
-``users/<label>-seed<S>/``, with ``rerun.json`` there when a rerun wrote the per-user file); a run retrained after its result file was written is not mixed in (test metric checked).
+(clustered by user when users have several rows).
+
+The seeds are those whose result file and per-user results are both there: in a `comeir experiment` output dir
+(``results/<label>-seed<S>.json``, ``<label>-seed<S>/<split>.users.parquet``) or in a committed archive of one
+(``<label>-seed<S>.json``, ``users/<label>-seed<S>/``, with ``rerun.json`` there when a rerun wrote the per-user
+file). A run retrained after its result file was written is not mixed in (test metric checked).
 """
 from __future__ import annotations
 

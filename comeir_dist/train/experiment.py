@@ -207,9 +207,9 @@ def seed_averaged_vs_popular(dataset: str, root: Path, rows: list[dict]) -> dict
     rebuilt from committed result files alone falls back to the mean over seeds)."""
     from comeir_dist.analysis.pairwise import experiment_variants, popular_variant, versus
 
-    if not any(r["label"] == POPULAR for r in rows):
-        return {}  # the table has no popular column
     seeds = {label: sum(r["label"] == label for r in rows) for label in {r["label"] for r in rows}}
+    if POPULAR not in seeds or not any(n > 1 for label, n in seeds.items() if label != POPULAR):
+        return {}  # no popular column, or nothing to average
     try:
         popular = popular_variant(dataset)
         return {v.label: versus(v, popular) for v in experiment_variants(root)
