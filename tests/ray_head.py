@@ -36,15 +36,24 @@ _TOKEN: dict = {}
 _NODE_COUNTER = itertools.count()
 
 
+_HANDED_PORTS: set[int] = set()
+
+
 def _free_ports(n: int) -> list[int]:
+    """``n`` free ports, none handed out before by this process: a head takes its ports in two calls (node and
+    head options), and the OS may return a port it just released (a head once got the same port for its client
+    server and its dashboard agent, and Ray refused to start)."""
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
+        socks.append(s)  # held until all are picked, so one call never sees a port twice
+        port = s.getsockname()[1]
+        if port not in _HANDED_PORTS:
+            ports.append(port)
     for s in socks:
         s.close()
+    _HANDED_PORTS.update(ports)
     return ports
 
 
