@@ -100,18 +100,17 @@ def run_ensemble_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-POPULAR_RUN = "popular"
 
 
 def add_paired_flags(p: argparse.ArgumentParser) -> None:
-    from comeir_dist.analysis.paired import METRIC
+    from comeir_dist.analysis.paired import METRIC, POPULAR
     from comeir_dist.analysis.runs import METRICS
 
     p.add_argument("--runs", nargs=2, required=True, metavar="[NAME=]PATH",
                    help="the two runs, A then B: run dirs with <split>.users.parquet, *.users.parquet files or "
-                        f"experiment result files; '{POPULAR_RUN}' = the most-popular baseline of --dataset; "
+                        f"experiment result files; '{POPULAR}' = the most-popular baseline of --dataset; "
                         "NAME=PATH,PATH,... = each user's value averaged over several runs (the seeds of a variant)")
-    p.add_argument("--dataset", help=f"prepared dataset dir (needed for '{POPULAR_RUN}')")
+    p.add_argument("--dataset", help=f"prepared dataset dir (needed for '{POPULAR}')")
     p.add_argument("--split", choices=("valid", "test"), default="test", help="default test")
     p.add_argument("--metric", choices=METRICS, default=METRIC, help=f"default {METRIC}")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -119,18 +118,18 @@ def add_paired_flags(p: argparse.ArgumentParser) -> None:
 
 def _paired_side(spec: str, args: argparse.Namespace) -> tuple:
     """``(name, user_idx, values)`` of one side of ``comeir analyze paired``."""
-    from comeir_dist.analysis.paired import seed_average, users_file_values
+    from comeir_dist.analysis.paired import POPULAR, seed_average, users_file_values
     from comeir_dist.analysis.runs import resolve_runs, split_name
     from comeir_dist.errors import UserError
 
-    if spec == POPULAR_RUN:
+    if spec == POPULAR:
         from comeir_dist.data.dataset import check_dataset_dir
         from comeir_dist.eval.popular import popular_per_user
 
         if not args.dataset:
-            raise UserError(f"--runs {POPULAR_RUN}: the baseline needs --dataset DIR (the runs' dataset)")
+            raise UserError(f"--runs {POPULAR}: the baseline needs --dataset DIR (the runs' dataset)")
         check_dataset_dir(args.dataset)
-        return (POPULAR_RUN, *popular_per_user(args.dataset, args.split, args.metric))
+        return (POPULAR, *popular_per_user(args.dataset, args.split, args.metric))
     name, paths = split_name(spec)
     sides = []
     for path in paths.split(","):

@@ -21,6 +21,7 @@ import numpy as np
 from comeir_dist.errors import UserError
 
 METRIC = "item/ndcg@10"
+POPULAR = "popular"  # the most-popular baseline, as a variant, run or label
 
 
 @dataclass

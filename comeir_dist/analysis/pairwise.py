@@ -22,12 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-from comeir_dist.analysis.paired import METRIC, align, paired_difference, seed_average, users_file_values
+from comeir_dist.analysis.paired import (METRIC, POPULAR, align, paired_difference, seed_average,
+                                         users_file_values)
 from comeir_dist.errors import UserError
 
 log = logging.getLogger(__name__)
-
-POPULAR = "popular"
 
 
 @dataclass
@@ -46,40 +45,29 @@ SAME_EVALUATION = 1e-5
 RERUN = "rerun.json"
 
 
-def _result_files(root: Path) -> tuple[list[Path], Callable[[str, str], Path]]:
-    """The result files of ``root`` and where a run's per-user results live: a `comeir experiment` output dir
-    (``results/<key>.json``, ``<key>/<split>.users.parquet``) or a committed archive of one (``<key>.json``,
-    ``users/<key>/<split>.users.parquet``, as under docs/results/)."""
+def _layout(root: Path) -> tuple[list[Path], Callable[[str, str], Path], bool]:
+    """The result files of ``root``, where a run's per-user results live, and whether ``root`` is an archive: a
+    `comeir experiment` output dir (``results/<key>.json``, ``<key>/<split>.users.parquet``) or a committed archive
+    of one (``<key>.json``, ``users/<key>/<split>.users.parquet``, as under docs/results/)."""
     if (root / "results").is_dir():
-        return sorted((root / "results").glob("*.json")), lambda key, split: root / key / f"{split}.users.parquet"
+        return (sorted((root / "results").glob("*.json")),
+                lambda key, split: root / key / f"{split}.users.parquet", False)
     if (root / "users").is_dir():
-        return sorted(root.glob("*.json")), lambda key, split: root / "users" / key / f"{split}.users.parquet"
+        return sorted(root.glob("*.json")), lambda key, split: root / "users" / key / f"{split}.users.parquet", True
     raise UserError(f"{root}: no results/*.json and no users/ dir (not a `comeir experiment` output dir or an "
                     "archive of one)")
 
 
-def _rerun(users_dir: Path) -> dict | None:
-    """An archive's ``users/<key>/rerun.json``: the result file of a rerun that wrote these per-user results (the
-    committed result file is the original run's), or None."""
-    f = users_dir / RERUN
-    if users_dir.parent.name != "users" or not f.is_file():
-        return None
+def _read_json(f: Path):
     try:
         return json.loads(f.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{f}: unreadable result file ({exc})") from None
+        raise UserError(f"{f}: unreadable result file ({exc}); move it away to rerun that run") from None
 
 
-def _result_rows(files: list[Path]) -> list[dict]:
-    rows = []
-    for f in files:
-        try:
-            row = json.loads(f.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{f}: unreadable result file ({exc})") from None
-        if isinstance(row, dict) and row.get("label") and "seed" in row:  # other JSON beside them is not a run
-            rows.append(row)
-    return rows
+def read_result_files(files: list[Path]) -> list[dict]:
+    """The runs among ``files`` (result files of `comeir experiment`; other JSON beside them is skipped)."""
+    return [row for row in map(_read_json, files) if isinstance(row, dict) and row.get("label") and "seed" in row]
 
 
 def experiment_variants(root: Path, labels: list[str] | None = None, split: str = "test",
@@ -87,9 +75,9 @@ def experiment_variants(root: Path, labels: list[str] | None = None, split: str 
     """The variants of experiment dir ``root`` (``labels``, or every label but popular) with per-user results of
     ``split``, each seed-averaged; one line naming a requested label that has none. On the test split a seed whose
     per-user file does not average to its result file's metric (retrained since) is left out."""
-    files, users_path = _result_files(root)
+    files, users_path, archive = _layout(root)
     by_label: dict[str, list[dict]] = {}
-    for r in _result_rows(files):
+    for r in read_result_files(files):
         if r["label"] != POPULAR:
             by_label.setdefault(r["label"], []).append(r)
     if not by_label:
@@ -108,7 +96,8 @@ def experiment_variants(root: Path, labels: list[str] | None = None, split: str 
             if not path.is_file():
                 continue
             users, values = users_file_values(path, metric)
-            reported = (_rerun(path.parent) or r).get("metrics", {}).get(metric)
+            rerun = path.parent / RERUN  # an archive's users/<key>/rerun.json: the rerun that wrote the file
+            reported = (_read_json(rerun) if archive and rerun.is_file() else r).get("metrics", {}).get(metric)
             if split == "test" and (reported is None or abs(float(values.mean()) - reported) > SAME_EVALUATION):
                 log.warning("%s: mean %s %.6f, its result file reports %s: left out", path, metric,
                             values.mean(), reported)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from comeir_dist.analysis.paired import POPULAR
 from comeir_dist.errors import UserError
 
 
@@ -146,7 +147,7 @@ def run_positions(dataset: str, specs: list[str], metric: str, with_test: bool =
     splits = ("valid", "test") if with_test else ("valid",)
     ds = {s: split_positions(dataset, s) for s in splits}
     table: dict[str, list[PositionMean]] = {}
-    table["popular"] = [m for s in splits for m in position_means(popular_per_user(dataset, s, metric)[1], ds[s][2], s)]
+    table[POPULAR] = [m for s in splits for m in position_means(popular_per_user(dataset, s, metric)[1], ds[s][2], s)]
     for spec in specs:
         name, paths = split_name(spec)
         paths_list = paths.split(",")

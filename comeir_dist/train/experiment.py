@@ -21,6 +21,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from comeir_dist.analysis.paired import POPULAR
 from comeir_dist.config.run import RunConfig, resolve_sample_mode
 from comeir_dist.errors import UserError
 from comeir_dist.utils.atomic import atomic_file, write_json
@@ -28,7 +29,6 @@ from comeir_dist.utils.output_guard import claim_out_dir
 
 log = logging.getLogger(__name__)
 COLUMNS = ("item/hit@5", "item/ndcg@5", "item/hit@10", "item/ndcg@10", "sid/ndcg@10")
-POPULAR = "popular"
 
 ARM_BOS = "bos"  # in ARMS: the config's model.decor.bos_queries, or DECOR_BOS_QUERIES when it is 0
 DECOR_BOS_QUERIES = 32  # DECOR Table 5, Scientific (the bundled data)
@@ -396,13 +396,9 @@ def protocol_deviations(cfg: RunConfig) -> list[str]:
 
 
 def load_results(root: Path) -> list[dict]:
-    rows = []
-    for p in sorted((root / "results").glob("*.json")):
-        try:
-            rows.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{p}: unreadable result file ({exc}); move it away to rerun that run") from None
-    return rows
+    from comeir_dist.analysis.pairwise import read_result_files
+
+    return read_result_files(sorted((root / "results").glob("*.json")))
 
 
 def _settings(cfg: RunConfig, variants: list[str], label: str | None, arms: list[str] | None) -> list[tuple]:
